@@ -1,0 +1,343 @@
+"""The knobs and the noise schedule shared by train.py and predict.py.
+
+Edit the constants below, or override any of them on the command line
+(`python train.py --image-size 64 --channel-mult 1,2,2`).
+"""
+import argparse
+import math
+import os
+import re
+import sys
+
+import torch
+
+# ---------------------------------------------------------------- constants
+# Data
+DATA_DIR = "data"  # dataset folder: OASIS, ADNI or any image folder; the demo is built here when empty
+OUTPUT_DIR = "outputs"  # checkpoints, sample PNGs, plots and logs
+IMAGE_SIZE = 128  # side of the square images the model sees (a multiple of 2**(len(CHANNEL_MULT)-1))
+CHANNELS = 1  # image channels (grayscale MRI)
+HFLIP = False  # random horizontal flips during training
+OASIS_TRAIN_ON_TEST = False  # OASIS: also train on the test split, as earlier projects did
+CONDITIONAL = False  # ADNI: learn AD/NC class-conditional generation (classifier-free guidance)
+# Network
+BASE_CHANNELS = 64  # width of the first U-Net level
+CHANNEL_MULT = (1, 2, 3, 4)  # width multiplier per level; each level after the first halves the resolution
+NUM_RES_BLOCKS = 2  # residual blocks per level on the way down
+ATTN_RESOLUTIONS = (16,)  # resolutions (pixels) that get self-attention
+NUM_HEADS = 4  # attention heads
+DROPOUT = 0.0  # dropout inside residual blocks
+# Diffusion
+TIMESTEPS = 1000  # diffusion steps T
+BETA_SCHEDULE = "cosine"  # 'linear' | 'cosine' | 'sigmoid'
+PREDICTION = "v"  # what the network predicts: 'eps' | 'v' | 'x0'
+MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off)
+COND_DROP = 0.1  # CONDITIONAL: probability of dropping the label (for guidance)
+GUIDANCE = 2.0  # CONDITIONAL: classifier-free guidance scale when sampling
+# Training
+BATCH_SIZE = 64  # images per step (per GPU under torchrun)
+LR = 2e-4  # peak learning rate of AdamW
+WEIGHT_DECAY = 0.0  # AdamW weight decay
+WARMUP_STEPS = 500  # linear learning-rate warm-up
+LR_DECAY = "cosine"  # after warm-up: 'constant' | 'cosine'
+GRAD_CLIP = 1.0  # gradient-norm clipping
+EPOCHS = 60  # passes over the training split
+EMA_DECAY = 0.999  # exponential moving average of the weights (with warm-up)
+COMPILE = "auto"  # torch.compile the model: 'auto' (on CUDA only) | 'true' | 'false'
+SAMPLE_EVERY = 5  # epochs between sample grids (and loss plots)
+CHECKPOINT_EVERY = 1000  # steps between checkpoints (one is also written at every epoch end)
+LOG_EVERY = 50  # steps between log lines and loss checks
+MAX_NONFINITE = 20  # non-finite losses in a row that stop training
+# Sampling
+SAMPLER = "dpm++"  # 'ddpm' (all T steps) | 'ddim' | 'dpm++'
+SAMPLE_STEPS = 25  # steps of ddim and dpm++
+DDIM_ETA = 0.0  # ddim noise: 0 deterministic, 1 like ddpm
+NUM_SAMPLES = 64  # images predict.py generates
+SAMPLE_BATCH = 64  # images sampled at once
+SEED = 0  # seed for data order, noise and sampling
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+PREDICTIONS = ("eps", "v", "x0")
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line, no traceback."""
+
+
+def run(main):
+    """Run a script's main(), turning a UserError into one line and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- configuration
+def constants():
+    """The constants above as {NAME: default}."""
+    return {k: v for k, v in globals().items()
+            if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in ("SCHEDULES", "SAMPLERS", "PREDICTIONS")
+            and isinstance(v, (bool, int, float, str, tuple))}
+
+
+def _help_texts():
+    """One-line comments of the constants, read from this file."""
+    with open(__file__, encoding="utf-8") as f:
+        return dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", f.read(), re.M))
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _parse_tuple(s):
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(description):
+    """An argparse parser with one --kebab-name flag per constant."""
+    parser = _OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _help_texts()
+    for name, default in constants().items():
+        kind = {bool: _parse_bool, tuple: _parse_tuple}.get(type(default), type(default))
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, type=kind, default=default,
+                            metavar=type(default).__name__.upper(), help=f"{helps.get(name, '')} (default: {shown})")
+    return parser
+
+
+def config_from_args(args):
+    """The constants, with command-line overrides, as a plain dict."""
+    return {name: getattr(args, name) for name in constants()}
+
+
+def check_config(cfg):
+    """Refuse contradictory or out-of-range settings with one clear line."""
+    for name in ("IMAGE_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "TIMESTEPS", "EPOCHS", "SAMPLE_STEPS",
+                 "NUM_SAMPLES", "SAMPLE_BATCH", "CHANNELS", "NUM_HEADS", "SAMPLE_EVERY", "CHECKPOINT_EVERY",
+                 "LOG_EVERY"):
+        if cfg[name] <= 0:
+            raise UserError(f"{name} must be positive, got {cfg[name]}: use --{name.lower().replace('_', '-')} N")
+    if not cfg["LR"] > 0:
+        raise UserError(f"LR must be positive, got {cfg['LR']}: use --lr 2e-4")
+    if not 0 <= cfg["EMA_DECAY"] < 1:
+        raise UserError(f"EMA_DECAY must be in [0, 1), got {cfg['EMA_DECAY']}")
+    for name, allowed in (("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS), ("PREDICTION", PREDICTIONS),
+                          ("LR_DECAY", ("constant", "cosine")), ("COMPILE", ("auto", "true", "false"))):
+        if cfg[name] not in allowed:
+            raise UserError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
+    if not cfg["CHANNEL_MULT"] or min(cfg["CHANNEL_MULT"]) <= 0:
+        raise UserError(f"CHANNEL_MULT must be positive integers, got {cfg['CHANNEL_MULT']}")
+    factor = 2 ** (len(cfg["CHANNEL_MULT"]) - 1)
+    if cfg["IMAGE_SIZE"] % factor:
+        raise UserError(f"IMAGE_SIZE {cfg['IMAGE_SIZE']} is not a multiple of {factor}, the U-Net's downsampling "
+                        f"factor for CHANNEL_MULT {cfg['CHANNEL_MULT']}: pick a multiple of {factor}")
+    sizes = {cfg["IMAGE_SIZE"] // 2 ** i for i in range(len(cfg["CHANNEL_MULT"]))}
+    for r in cfg["ATTN_RESOLUTIONS"]:
+        if r not in sizes:
+            raise UserError(f"ATTN_RESOLUTIONS has {r}, which never occurs in the U-Net at IMAGE_SIZE "
+                            f"{cfg['IMAGE_SIZE']} (resolutions: {sorted(sizes)})")
+    if cfg["SAMPLE_STEPS"] > cfg["TIMESTEPS"]:
+        raise UserError(f"SAMPLE_STEPS {cfg['SAMPLE_STEPS']} is more than TIMESTEPS {cfg['TIMESTEPS']}")
+    if cfg["NUM_RES_BLOCKS"] < 1 or cfg["DROPOUT"] < 0 or cfg["DROPOUT"] >= 1:
+        raise UserError("NUM_RES_BLOCKS must be at least 1 and DROPOUT in [0, 1)")
+    return cfg
+
+
+# ---------------------------------------------------------------- noise schedule
+def make_betas(schedule, timesteps):
+    """Betas in float64: 'linear' (Ho et al. 2020), 'cosine' (Nichol & Dhariwal 2021) or 'sigmoid'."""
+    if schedule == "linear":
+        scale = 1000 / timesteps  # keeps the schedule's shape for other T
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    if schedule == "sigmoid":  # Jabri et al. 2022: abar follows a sigmoid in t (start -3, end 3, tau 1)
+        t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
+        v0, v1 = torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)), torch.sigmoid(torch.tensor(3.0, dtype=torch.float64))
+        f = (v1 - torch.sigmoid(t * 6 - 3)) / (v1 - v0)
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise UserError(f"unknown BETA_SCHEDULE {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+class NoiseSchedule:
+    """The forward process q(x_t | x_0) and three reverse samplers over T discrete steps."""
+
+    def __init__(self, timesteps=TIMESTEPS, schedule=BETA_SCHEDULE, prediction=PREDICTION):
+        if prediction not in PREDICTIONS:
+            raise UserError(f"unknown PREDICTION {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        self.timesteps, self.prediction = timesteps, prediction
+        self.betas = make_betas(schedule, timesteps)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+
+    def _ab(self, t, x):
+        """sqrt(abar_t) and sqrt(1 - abar_t) for integer steps t, shaped to broadcast over x."""
+        abar = self.alphas_cumprod.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        a, s = self._ab(t, x0)
+        return a * x0 + s * noise
+
+    def target(self, x0, noise, t):
+        """What the network is trained to output for this x0, noise and t."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        a, s = self._ab(t, x0)
+        return a * noise - s * x0  # v (Salimans & Ho 2022)
+
+    def snr(self, t):
+        abar = self.alphas_cumprod.to(t.device)[t].float()
+        return abar / (1 - abar)
+
+    def loss_weight(self, t, gamma):
+        """Min-SNR-gamma weights (Hang et al. 2023) that make every prediction type weigh x0 errors alike."""
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma) if gamma > 0 else snr
+        return clipped / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+
+    def split(self, out, x, a, s):
+        """Turn a network output at x_t into (eps, x0) predictions."""
+        if self.prediction == "eps":
+            return out, (x - s * out) / a
+        if self.prediction == "x0":
+            return (x - a * out) / s, out
+        return s * x + a * out, a * x - s * out
+
+    # ------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, model, shape=None, sampler=SAMPLER, steps=SAMPLE_STEPS, eta=DDIM_ETA, x=None, start_t=None,
+               generator=None, device="cpu", clip=True, callback=None):
+        """Run the reverse process and return x_0.
+
+        model(x_t, t) returns the network output; `x` and `start_t` start part-way (denoise a noised
+        image), otherwise from N(0, I) of `shape` at t = T-1. `callback(i, n, x_t, x0_pred)` sees every step.
+        """
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        start_t = self.timesteps - 1 if start_t is None else int(start_t)
+        if x is None:
+            x = torch.randn(shape, generator=generator, device=device)
+        if sampler == "ddpm":
+            ts = list(range(start_t, -1, -1))
+        else:  # evenly spaced from start_t down to 0, ending on t = 0
+            n = max(1, min(steps, start_t + 1))
+            ts = sorted({round(v) for v in torch.linspace(start_t, 0, n).tolist()}, reverse=True)
+        abar = self.alphas_cumprod.to(x.device)
+        x0_prev, h_prev = None, None
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            ab_t = abar[t].float()
+            ab_p = abar[t_prev].float() if t_prev >= 0 else torch.ones((), device=x.device)
+            a, s = ab_t.sqrt(), (1 - ab_t).sqrt()
+            out = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+            eps, x0 = self.split(out, x, a, s)
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - a * x0) / s
+            if t_prev < 0:
+                x = x0
+            elif sampler == "ddpm":  # ancestral step with the posterior variance
+                beta = 1 - ab_t / ab_p
+                mean = (ab_p.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_p) * x) / (1 - ab_t)
+                var = beta * (1 - ab_p) / (1 - ab_t)
+                x = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
+            elif sampler == "ddim":
+                sigma = eta * ((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)).sqrt()
+                x = ab_p.sqrt() * x0 + (1 - ab_p - sigma ** 2).sqrt() * eps
+                if eta > 0:
+                    x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+            else:  # DPM-Solver++(2M) (Lu et al. 2022), in log-SNR time
+                a_p, s_p = ab_p.sqrt(), (1 - ab_p).sqrt()
+                h = torch.log(a_p / s_p) - torch.log(a / s)
+                d = x0
+                if x0_prev is not None:
+                    r = h_prev / h
+                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+                x = (s_p / s) * x - a_p * torch.expm1(-h) * d
+                x0_prev, h_prev = x0, h
+            if callback is not None:
+                callback(i, len(ts), x, x0)
+        return x
+
+
+# ---------------------------------------------------------------- helpers
+def get_device():
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_unit(x):
+    """[-1, 1] images to [0, 1] for saving."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def save_images(x, path, nrow=8):
+    """Save a batch of [-1, 1] images as one grid PNG (torchvision)."""
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_image(to_unit(x.cpu()), path, nrow=nrow, padding=2, pad_value=0)
+
+
+def save_checkpoint(state, path):
+    """Write atomically: temporary file, fsync, then rename; the old file becomes NAME.prev.pt."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):  # keep the last good one, never leaving `path` missing
+            prev = path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
+            _copy_replace(path, prev)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({e.strerror}): free some disk space or choose another "
+                        f"--output-dir; the previous checkpoint is untouched") from None
+
+
+def _copy_replace(src, dst):
+    """Atomically make dst a copy of src (a hard link where the file system allows)."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:  # file system without hard links
+        import shutil
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (weights_only=True: no code in it ever runs)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train first (python train.py) or pass --checkpoint PATH")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason}): delete it or pass another --checkpoint")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no model or config in it)")
+    return state
