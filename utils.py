@@ -51,6 +51,7 @@ MAX_NONFINITE = 20  # non-finite losses in a row that stop training
 # Sampling
 SAMPLER = "dpm++"  # 'ddpm' (all T steps) | 'ddim' | 'dpm++'
 SAMPLE_STEPS = 25  # steps of ddim and dpm++
+STEP_SPACING = 2.0  # ddim/dpm++ timesteps t_i = T * (1 - i/n) ** STEP_SPACING: 1 even in t, 2 denser near the image
 DDIM_ETA = 0.0  # ddim noise: 0 deterministic, 1 like ddpm
 NUM_SAMPLES = 64  # images predict.py generates
 SAMPLE_BATCH = 64  # images sampled at once
@@ -72,6 +73,9 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------- configuration
@@ -225,6 +229,12 @@ class NoiseSchedule:
         return s * x + a * out, a * x - s * out
 
     # ------------------------------------------------------------ sampling
+    def sampling_steps(self, start_t, steps, power=STEP_SPACING):
+        """`steps` distinct timesteps start_t * (1 - i/(steps-1)) ** power, ending at 0."""
+        n = max(1, min(steps, start_t + 1))
+        frac = torch.linspace(1, 0, n, dtype=torch.float64) ** power
+        return sorted({int(round(v)) for v in (start_t * frac).tolist()}, reverse=True)
+
     @torch.no_grad()
     def sample(self, model, shape=None, sampler=SAMPLER, steps=SAMPLE_STEPS, eta=DDIM_ETA, x=None, start_t=None,
                generator=None, device="cpu", clip=True, callback=None):
@@ -238,11 +248,7 @@ class NoiseSchedule:
         start_t = self.timesteps - 1 if start_t is None else int(start_t)
         if x is None:
             x = torch.randn(shape, generator=generator, device=device)
-        if sampler == "ddpm":
-            ts = list(range(start_t, -1, -1))
-        else:  # evenly spaced from start_t down to 0, ending on t = 0
-            n = max(1, min(steps, start_t + 1))
-            ts = sorted({round(v) for v in torch.linspace(start_t, 0, n).tolist()}, reverse=True)
+        ts = list(range(start_t, -1, -1)) if sampler == "ddpm" else self.sampling_steps(start_t, steps)
         abar = self.alphas_cumprod.to(x.device)
         x0_prev, h_prev = None, None
         for i, t in enumerate(ts):

@@ -1,0 +1,395 @@
+"""Finds and reads the data: OASIS PNG slices, ADNI AD/NC slices, any folder of images, or a built-in demo.
+
+Every image is decoded once into a uint8 cache (<root>/.cache/*.pt). `python dataset.py [DIR]` shows what it finds.
+"""
+import hashlib
+import math
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import utils
+from utils import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # files read as images (any case)
+MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+VAL_FRACTION = 0.05  # held-out share of a plain image folder
+SEARCH_DEPTH = 3  # folder levels under DATA_DIR searched for an OASIS or ADNI layout
+WORKERS = min(8, os.cpu_count() or 1)  # threads decoding and writing images
+OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,test}, masks in ..._seg_*
+ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders; the list index is the label
+FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
+TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"  # MNI ICBM152 2009 maps shipped with nilearn
+DEMO_FILL = 0.8  # demo: share of the frame the largest brain slice spans
+DEMO_PER_CASE = 32  # demo: slices per case, spread through the brain like OASIS
+DEMO_CHUNK = 200  # demo: slices deformed at once
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, do not just warn
+
+
+@dataclass
+class Data:
+    """A dataset in memory: uint8 N x 1 x S x S splits, with labels where the layout has classes."""
+    layout: str  # 'oasis' | 'adni' | 'folder' | 'demo'
+    root: str  # the folder that was read
+    train: torch.Tensor
+    val: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    classes: list = field(default_factory=list)
+    fingerprint: str = ""  # hash of the file lists (names, sizes, mtimes) and the image size
+    cache: str = ""
+    sizes: dict = field(default_factory=dict)  # original image sizes found, 'WxH': count
+
+    def summary(self):
+        s = self.train.shape[-1]
+        found = ", ".join(f"{k} ({v})" for k, v in sorted(self.sizes.items(), key=lambda kv: -kv[1])[:3])
+        classes = f", classes {'/'.join(self.classes)}" if self.classes else ""
+        return (f"{self.layout} data in {_show(self.root)}: {len(self.train)} train / {len(self.val)} val images "
+                f"of {found} read at {s}x{s}{classes}; cache {_show(self.cache)}")
+
+
+# ---------------------------------------------------------------- reading images
+def _show(path):
+    """A path that prints anywhere, whatever bytes its name holds."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _gray(im):
+    """An 8-bit grayscale copy: black where transparent, 16-bit and float images scaled by their maximum."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.clip(np.asarray(im, dtype=np.float32), 0, None)
+        return Image.fromarray((a * (255 / max(a.max(), 1e-8))).round().astype(np.uint8))
+    if "A" in im.getbands() or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    return im.convert("L")
+
+
+def decode_image(path, size):
+    """One file as a size x size uint8 array (grayscale, padded to a centred black square, resized) and its (w, h)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file")
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w}x{h} is over the {MAX_PIXELS} pixel limit")
+        im = _gray(im)
+    if w != h:
+        square = Image.new("L", (max(w, h),) * 2)
+        square.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        im = square
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.LANCZOS)  # antialiased
+    return np.asarray(im), (w, h)
+
+
+def list_images(folder, exclude=()):
+    """Image files under folder, sorted, skipping hidden folders, OASIS masks and the paths in exclude."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink back into visited folders: no loops, no duplicates
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith((".", OASIS + "seg")) and os.path.join(top, d) not in exclude]
+        found += [os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
+    return sorted(found)
+
+
+def _decode_all(paths, size):
+    """Decode paths with a thread pool: (uint8 N x 1 x S x S, kept indices, sizes found, skip messages)."""
+    def one(p):
+        try:
+            return decode_image(p, size)
+        except Exception as e:  # unreadable, corrupt, truncated or too large: skipped
+            return f"{_show(p)} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    with ThreadPoolExecutor(WORKERS) as pool:
+        results = list(pool.map(one, paths))
+    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    images = torch.from_numpy(np.stack([results[i][0] for i in keep])[:, None]) if keep else \
+        torch.empty(0, 1, size, size, dtype=torch.uint8)
+    sizes = {}
+    for i in keep:
+        key = "{}x{}".format(*results[i][1])
+        sizes[key] = sizes.get(key, 0) + 1
+    return images, keep, sizes, [r for r in results if isinstance(r, str)]
+
+
+def read_folder(path, image_size):
+    """All images in a folder (recursive, sorted by path) or one image file, as uint8 N x 1 x S x S."""
+    paths = [path] if os.path.isfile(path) else list_images(path) if os.path.isdir(path) else []
+    images, _, _, skipped = _decode_all(paths, image_size)
+    for msg in skipped:
+        print(f"warning: skipping {msg}", file=sys.stderr)
+    if not len(images):
+        raise UserError(f"no readable images ({', '.join(IMAGE_EXTS)}) in {_show(path)}: pass a folder of images")
+    return images
+
+
+# ---------------------------------------------------------------- the cache
+def _read_cache(path, size):
+    try:
+        c = torch.load(path, weights_only=True)
+        ok = c["images"].dtype == torch.uint8 and tuple(c["images"].shape[1:]) == (1, size, size)
+        return c if ok else None
+    except Exception:  # missing or corrupt: rebuilt
+        return None
+
+
+def _load_split(root, layout, split, paths, labels, size):
+    """Images (and labels) of one split from the cache, decoding and caching them when the files changed."""
+    entries = []
+    for p, label in zip(paths, labels):
+        try:
+            st = os.stat(p)
+            entries.append((p, label, st.st_size, st.st_mtime_ns))
+        except OSError as e:  # broken link, link loop, vanished
+            print(f"warning: skipping {_show(p)} ({e.strerror})", file=sys.stderr)
+    h = hashlib.sha1(str(size).encode())
+    for p, label, n, t in entries:
+        h.update(os.fsencode(os.path.relpath(p, root)) + f"\0{label}\0{n}\0{t}\n".encode())
+    key = h.hexdigest()[:12]
+    name = f"{layout}_{split}_{size}_{key}.pt"
+    dirs = [os.path.join(root, ".cache"), os.path.expanduser(FALLBACK_CACHE)]
+    for d in dirs:
+        if (c := _read_cache(os.path.join(d, name), size)) is not None:
+            break
+    else:
+        images, keep, sizes, skipped = _decode_all([e[0] for e in entries], size)
+        kept = torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
+        c = {"images": images, "labels": kept if labels[0] is not None else None, "sizes": sizes, "skipped": skipped}
+        d = _save_cache(c, dirs, name, f"{layout}_{split}_{size}_")
+    for msg in c["skipped"]:
+        print(f"warning: skipping {msg}", file=sys.stderr)
+    return c, key, d
+
+
+def _save_cache(c, dirs, name, stale):
+    """Write c atomically into the first writable folder of dirs, removing older caches of the split there."""
+    for d in dirs:
+        tmp = os.path.join(d, f"{name}.tmp{os.getpid()}")
+        try:
+            os.makedirs(d, exist_ok=True)
+            torch.save(c, tmp)
+            os.replace(tmp, os.path.join(d, name))
+            for f in os.listdir(d):
+                if f.startswith(stale) and f.endswith(".pt") and f != name:
+                    os.remove(os.path.join(d, f))
+            return d
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    print(f"warning: could not write a cache in {' or '.join(map(_show, dirs))}; decoding again next time",
+          file=sys.stderr)
+    return "none"
+
+
+# ---------------------------------------------------------------- layouts
+def _subdirs(d, exclude):
+    try:
+        return sorted(e.path for e in os.scandir(d) if e.is_dir() and not e.name.startswith((".", OASIS + "seg"))
+                      and e.path not in exclude)
+    except OSError:
+        return []
+
+
+def find_layout(folder, exclude=()):
+    """('oasis' | 'adni' | 'folder', root): the first OASIS or ADNI layout up to SEARCH_DEPTH levels down."""
+    level = [folder]
+    for _ in range(SEARCH_DEPTH + 1):
+        for d in level:
+            name = os.path.basename(os.path.normpath(d))
+            if name == OASIS + "data" or os.path.isdir(os.path.join(d, OASIS + "train")):
+                return "oasis", d
+            if name == "AD_NC" or any(os.path.isdir(os.path.join(d, s, c)) for s in ("train", "test") for c in ADNI_CLASSES):
+                return "adni", d
+        level = [s for d in level for s in _subdirs(d, exclude)]
+    return "folder", folder
+
+
+def _split_files(layout, root, cfg, exclude):
+    """{split: (paths, labels)} of a layout; UserError when a split folder is missing or empty."""
+    if layout == "oasis":
+        names = ["train", "validate"] + ["test"] * cfg["OASIS_TRAIN_ON_TEST"]
+        folders = {s: [(os.path.join(root, OASIS + s), None)] for s in names}
+    elif layout == "adni":
+        folders = {s: [(os.path.join(root, s, c), i) for i, c in enumerate(ADNI_CLASSES)] for s in ("train", "test")}
+    else:
+        paths = list_images(root, exclude)
+        return {"all": (paths, [None] * len(paths))} if paths else {}
+    splits = {}
+    for s, parts in folders.items():
+        paths, labels = [], []
+        for d, label in parts:
+            if not os.path.isdir(d):
+                raise UserError(f"{layout.upper()} layout in {_show(root)} has no {os.path.relpath(d, root)} folder: "
+                                f"add it, or point --data-dir at a complete copy")
+            found = list_images(d)
+            paths, labels = paths + found, labels + [label] * len(found)
+        if not paths:
+            raise UserError(f"{_show(os.path.dirname(d) if layout == 'adni' else d)} holds no images "
+                            f"({', '.join(IMAGE_EXTS)}): add them or point --data-dir elsewhere")
+        splits[s] = (paths, labels)
+    return splits
+
+
+def _holds_data(folder):
+    """Whether the default data folder holds anything beyond README.md, hidden entries and the demo."""
+    return os.path.isdir(folder) and any(not e.startswith(".") and e not in ("README.md", "demo")
+                                         for e in os.listdir(folder))
+
+
+def load_data(cfg):
+    """Find the dataset under cfg['DATA_DIR'] (or build the demo there), read it and split it."""
+    folder, size, layout_name = cfg["DATA_DIR"], cfg["IMAGE_SIZE"], None
+    if size <= 0:
+        raise UserError(f"IMAGE_SIZE must be positive, got {size}")
+    demo = os.path.join(folder, "demo")
+    default = os.path.normpath(folder) == os.path.normpath(utils.DATA_DIR)
+    if default and not _holds_data(folder):
+        if not os.path.isfile(os.path.join(demo, "DONE")):
+            try:
+                build_demo(demo)
+            except OSError as e:
+                raise UserError(f"could not build the demo in {_show(demo)} ({e}): make it writable or set "
+                                f"--data-dir") from None
+        folder, layout_name = os.path.join(demo, OASIS + "data"), "demo"
+    if not os.path.isdir(folder):
+        raise UserError(f"DATA_DIR {_show(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC) "
+                        f"or any images there, or pass --data-dir PATH")
+    exclude = {demo} if default else set()
+    layout, root = find_layout(folder, exclude)
+    splits = _split_files(layout, root, cfg, exclude)
+    if not splits:
+        masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
+        raise UserError(f"DATA_DIR {_show(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
+                        "never trained on: add keras_png_slices_{train,validate}" if masks else
+                        f"no images ({', '.join(IMAGE_EXTS)})") + ": put a dataset there or pass --data-dir PATH")
+    parts, keys, sizes, cache = {}, [], {}, None
+    for s, (paths, labels) in splits.items():
+        c, key, d = _load_split(root, layout, s, paths, labels, size)
+        if not len(c["images"]):
+            raise UserError(f"none of the {len(paths)} images of the {s} split in {_show(root)} could be read")
+        parts[s], cache = (c["images"], c["labels"]), cache or d
+        keys.append(key)
+        for k, v in c["sizes"].items():
+            sizes[k] = sizes.get(k, 0) + v
+    if layout == "oasis":
+        train = [parts["train"][0]] + ([parts["test"][0]] if "test" in parts else [])
+        data = Data(layout_name or layout, root, torch.cat(train), parts["validate"][0])
+    elif layout == "adni":
+        data = Data(layout, root, *parts["train"][:1], parts["test"][0], parts["train"][1], parts["test"][1],
+                    list(ADNI_CLASSES))
+    else:  # seeded 95/5 split, at least one held-out image when there are two
+        images = parts["all"][0]
+        n_val = max(1, round(VAL_FRACTION * len(images))) if len(images) >= 2 else 0
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["SEED"]))
+        data = Data(layout, root, images[perm[n_val:].sort().values], images[perm[:n_val].sort().values])
+    data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, sizes
+    if len(data.train) < cfg["BATCH_SIZE"]:
+        print(f"notice: only {len(data.train)} training images, fewer than BATCH_SIZE {cfg['BATCH_SIZE']}: "
+              f"training will use smaller batches")
+    return data
+
+
+# ---------------------------------------------------------------- the demo set
+def _template(size):
+    """The MNI ICBM152 T1, GM, WM and brain maps as Z x 4 x Y x X (nose up, radiological) and their geometry."""
+    import nibabel
+    import nilearn
+    from scipy import ndimage
+    folder = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
+    t1, gm, wm = (nibabel.load(os.path.join(folder, TEMPLATE.format(k))).get_fdata(dtype=np.float32) / 255
+                  for k in ("t1", "gm", "wm"))
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # fill holes slice by slice (x, y)
+    t1 *= ndimage.binary_dilation(gm + wm > 0.3, iterations=3)  # strip any skull (a no-op for this template)
+    brain = ndimage.binary_fill_holes(t1 > 0.02, structure=in_plane).astype(np.float32)
+    vol = torch.from_numpy(np.stack([t1, gm, wm, brain]).transpose(3, 0, 2, 1)[:, :, ::-1, ::-1].copy())
+    _, ys, xs = np.nonzero(brain.transpose(2, 1, 0)[:, ::-1, ::-1])
+    area = brain.sum((0, 1))
+    zs = np.nonzero(area >= 0.3 * area.max())[0]  # slices where the brain is reasonably large
+    mm = (max(np.ptp(ys), np.ptp(xs)) + 1) / (DEMO_FILL * size)  # template millimetres per demo pixel
+    return vol, (float(zs[0]), float(zs[-1])), ((ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2), mm
+
+
+def _demo_slices(vol, z, g, size, centre, mm):
+    """Deformed axial slices at positions z (voxels): uint8 images and 4-level masks, len(z) x size x size."""
+    n, (nz, _, ny, nx) = len(z), vol.shape
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=g)
+    smooth = lambda std, k: F.interpolate(torch.randn(n, 2, k, k, generator=g) * std, size=(size, size),
+                                          mode="bicubic", align_corners=True)
+    p = (torch.arange(size) - (size - 1) / 2) * mm
+    py, px = torch.meshgrid(p, p, indexing="ij")
+    angle = u(-10, 10, n, 1, 1) * math.pi / 180
+    zoom = u(0.9, 1.1, n, 1, 1, 1) * u(0.95, 1.05, n, 2, 1, 1)  # scale, and a little more on one axis
+    warp = smooth(3.0, 5)  # elastic: a coarse random displacement grid (mm), smoothly upsampled
+    qx = (angle.cos() * px - angle.sin() * py) / zoom[:, 0] + warp[:, 0] + u(-3, 3, n, 1, 1)
+    qy = (angle.sin() * px + angle.cos() * py) / zoom[:, 1] + warp[:, 1] + u(-3, 3, n, 1, 1)
+    grid = torch.stack([(centre[1] + qx) / (nx - 1), (centre[0] + qy) / (ny - 1)], -1) * 2 - 1
+    below, frac = z.long().clamp(max=nz - 2), (z - z.floor()).view(n, 1, 1, 1)
+    planes = vol[below] * (1 - frac) + vol[below + 1] * frac  # axial planes between two slices
+    t1, gm, wm, brain = F.grid_sample(planes, grid, align_corners=True).unbind(1)
+    bias = smooth(0.1, 4)[:, 0].exp()  # smooth multiplicative bias field
+    img = t1.clamp(0, 1) ** u(0.75, 1.35, n, 1, 1) * u(0.85, 1.1, n, 1, 1) * bias  # gamma, contrast, bias
+    tissue = torch.stack([(brain - gm - wm).clamp(min=0), gm, wm], -1).argmax(-1) + 1  # CSF, GM, WM
+    seg = torch.where(brain > 0.5, tissue, 0) * 85  # OASIS-like levels 0, 85, 170, 255
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), seg.to(torch.uint8)
+
+
+def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
+    """Write an OASIS-like set of skull-stripped axial slices (and masks) made from the MNI ICBM152 template."""
+    start = time.time()
+    print(f"building the demo set from the MNI ICBM152 template into {_show(out_dir)} (first run only)...", flush=True)
+    vol, (z0, z1), centre, mm = _template(size)
+    g, base, case = torch.Generator().manual_seed(seed), os.path.join(out_dir, OASIS + "data"), 0
+    save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for split, n in (("train", n_train), ("validate", n_val), ("test", n_test)):
+            img_dir, seg_dir = os.path.join(base, OASIS + split), os.path.join(base, OASIS + "seg_" + split)
+            os.makedirs(img_dir, exist_ok=True)
+            os.makedirs(seg_dir, exist_ok=True)
+            for i0 in range(0, n, DEMO_CHUNK):
+                i = torch.arange(i0, min(n, i0 + DEMO_CHUNK))
+                k = i % DEMO_PER_CASE  # slice k of its case, k-th of DEMO_PER_CASE bands from bottom to top
+                z = z0 + (k + torch.rand(len(i), generator=g)) / DEMO_PER_CASE * (z1 - z0)
+                imgs, segs = _demo_slices(vol, z, g, size, centre, mm)
+                names = [f"{case + j // DEMO_PER_CASE + 1:03d}_slice_{j % DEMO_PER_CASE}.nii.png" for j in i.tolist()]
+                list(pool.map(save, list(imgs) + list(segs), [os.path.join(img_dir, "case_" + f) for f in names]
+                              + [os.path.join(seg_dir, "seg_" + f) for f in names]))
+            case += math.ceil(n / DEMO_PER_CASE)
+    with open(os.path.join(out_dir, "DONE"), "w") as f:  # written last: a half-built demo is rebuilt
+        f.write(f"MNI ICBM152 demo: {n_train} train, {n_val} validate, {n_test} test, {size}px, seed {seed}\n")
+    print(f"built the demo: {n_train} train, {n_val} validate, {n_test} test slices in {time.time() - start:.0f} s")
+
+
+def main():
+    parser = utils.build_parser("Show what dataset.py finds in a data folder.")
+    parser.add_argument("dir", nargs="?", help="the data folder (default: DATA_DIR)")
+    args = parser.parse_args()
+    cfg = utils.config_from_args(args)
+    cfg["DATA_DIR"] = args.dir or cfg["DATA_DIR"]
+    d = load_data(cfg)
+    print(f"layout  {d.layout} in {_show(d.root)}")
+    print(f"splits  {len(d.train)} train, {len(d.val)} val" + (" (train includes OASIS test)"
+                                                                 * cfg["OASIS_TRAIN_ON_TEST"] * (d.layout != "adni")))
+    print(f"images  {', '.join(f'{k} ({v})' for k, v in d.sizes.items())} found, read at "
+          f"{cfg['IMAGE_SIZE']}x{cfg['IMAGE_SIZE']}")
+    if d.classes:
+        print("classes " + ", ".join(f"{c} ({int((d.train_labels == i).sum())} train, "
+                                     f"{int((d.val_labels == i).sum())} val)" for i, c in enumerate(d.classes)))
+    print(f"cache   {_show(d.cache)} (fingerprint {d.fingerprint})")
+
+
+if __name__ == "__main__":
+    utils.run(main)

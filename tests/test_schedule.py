@@ -1,0 +1,107 @@
+"""The diffusion math against exact answers: the optimal denoiser of Gaussian data."""
+import pytest
+import torch
+
+from utils import NoiseSchedule, SCHEDULES
+
+MU, SIGMA = 0.3, 0.5  # per-pixel data distribution N(MU, SIGMA^2)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_betas_and_alphas_cumprod(schedule):
+    s = NoiseSchedule(1000, schedule)
+    assert s.betas.dtype == torch.float64
+    assert ((s.betas > 0) & (s.betas < 1)).all()
+    assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
+    assert s.alphas_cumprod[-1] < 1e-3 and s.alphas_cumprod[0] > 0.99
+
+
+def test_linear_matches_ho_et_al():
+    s = NoiseSchedule(1000, "linear")
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    assert NoiseSchedule(250, "linear").betas[-1].item() == pytest.approx(0.08)  # scaled for other T
+
+
+def test_cosine_matches_nichol_dhariwal():
+    s = NoiseSchedule(1000, "cosine")
+    f = lambda t: torch.cos(torch.tensor((t / 1000 + 0.008) / 1.008 * torch.pi / 2, dtype=torch.float64)) ** 2
+    assert s.alphas_cumprod[499].item() == pytest.approx((f(500) / f(0)).item(), rel=1e-9)
+    assert s.betas.max().item() <= 0.999
+
+
+def test_q_sample_moments():
+    s = NoiseSchedule(1000, "cosine")
+    x0 = torch.full((200_000,), 0.7)
+    t = torch.full((200_000,), 400)
+    xt = s.q_sample(x0, t, torch.randn(200_000, generator=torch.Generator().manual_seed(0)))
+    abar = s.alphas_cumprod[400].item()
+    assert xt.mean().item() == pytest.approx(abar ** 0.5 * 0.7, abs=5e-3)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=1e-2)
+
+
+def oracle(schedule, prediction):
+    """The exact optimal network for data N(MU, SIGMA^2), returning `prediction`."""
+    def model(x, t):
+        abar = schedule.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        eps = s * (x - a * MU) / (a ** 2 * SIGMA ** 2 + s ** 2)
+        x0 = (x - s * eps) / a
+        return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_prediction_conversions_round_trip(prediction):
+    s = NoiseSchedule(1000, "cosine", prediction)
+    x0, noise, t = torch.randn(64, 1, 4, 4), torch.randn(64, 1, 4, 4), torch.randint(0, 1000, (64,))
+    a, sd = s._ab(t, x0)
+    xt = s.q_sample(x0, t, noise)
+    eps, x0_hat = s.split(s.target(x0, noise, t), xt, a, sd)
+    torch.testing.assert_close(eps, noise, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-3, rtol=1e-3)
+
+
+# (sampler, steps, relative tolerance on the std): ddim is first order, so 50 of its steps lose ~3% of the spread
+CASES = [("ddpm", 1000, 0.015), ("ddim", 50, 0.04), ("dpm++", 25, 0.025)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("sampler,steps,tol", CASES)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_samplers_recover_gaussian_data(schedule, sampler, steps, tol, prediction):
+    if sampler == "ddpm" and prediction == "v" and schedule != "cosine":
+        pytest.skip("ddpm x v is covered on the cosine schedule; 1000 steps each is slow")
+    s = NoiseSchedule(1000, schedule, prediction)
+    gen = torch.Generator().manual_seed(0)
+    x = s.sample(oracle(s, prediction), (20_000,), sampler, steps, generator=gen, clip=False)
+    assert x.mean().item() == pytest.approx(MU, abs=0.015)
+    assert x.std().item() == pytest.approx(SIGMA, rel=tol)
+
+
+def test_even_time_spacing_loses_the_spread():
+    """Why STEP_SPACING is 2: with steps even in t, dpm++ at 25 steps overshoots the data's spread."""
+    s = NoiseSchedule(1000, "linear", "eps")
+    s.sampling_steps = lambda start, n: NoiseSchedule.sampling_steps(s, start, n, power=1.0)
+    x = s.sample(oracle(s, "eps"), (20_000,), "dpm++", 25, generator=torch.Generator().manual_seed(0), clip=False)
+    assert x.std().item() > SIGMA * 1.1
+
+
+def test_x0_prediction_and_ddim_eta():
+    s = NoiseSchedule(1000, "linear", "x0")
+    x = s.sample(oracle(s, "x0"), (20_000,), "ddim", 100, eta=1.0, generator=torch.Generator().manual_seed(1),
+                 clip=False)
+    assert x.mean().item() == pytest.approx(MU, abs=0.02)
+    assert x.std().item() == pytest.approx(SIGMA, rel=0.05)
+
+
+def test_start_part_way_and_callback():
+    """Starting from a clean sample at a small step returns (nearly) that sample."""
+    s = NoiseSchedule(1000, "cosine", "eps")
+    gen = torch.Generator().manual_seed(2)
+    x0 = MU + SIGMA * torch.randn(5000, generator=gen)
+    xt = s.q_sample(x0, torch.full((5000,), 20), torch.randn(5000, generator=gen))
+    seen = []
+    out = s.sample(oracle(s, "eps"), sampler="dpm++", steps=5, x=xt, start_t=20, generator=gen, clip=False,
+                   callback=lambda i, n, x, x0_pred: seen.append((i, n)))
+    assert (out - x0).abs().mean() < 0.05
+    assert seen[-1] == (len(seen) - 1, len(seen)) and len(seen) == 5
