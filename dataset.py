@@ -8,13 +8,14 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import utils
 from utils import UserError
@@ -25,12 +26,15 @@ VAL_FRACTION = 0.05  # held-out share of a plain image folder
 SEARCH_DEPTH = 3  # folder levels under DATA_DIR searched for an OASIS or ADNI layout
 WORKERS = min(8, os.cpu_count() or 1)  # threads decoding and writing images
 OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,test}, masks in ..._seg_*
-ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders; the list index is the label
+ADNI_SPLITS = ("train", "test")  # ADNI split folders: train, and test used as the held-out split
+ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders in each split; the list index is the label
 FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"  # MNI ICBM152 2009 maps shipped with nilearn
 DEMO_FILL = 0.8  # demo: share of the frame the largest brain slice spans
 DEMO_PER_CASE = 32  # demo: slices per case, spread through the brain like OASIS
-DEMO_CHUNK = 200  # demo: slices deformed at once
+DEMO_MIN_AREA = 0.5  # demo: slices whose brain area is at least this share of the largest
+DEMO_FIELD = 64  # demo: resolution of the deformation and bias fields, bilinearly upsampled
+DEMO_CHUNK = 64  # demo: slices deformed at once
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, do not just warn
@@ -52,7 +56,7 @@ class Data:
 
     def summary(self):
         s = self.train.shape[-1]
-        found = ", ".join(f"{k} ({v})" for k, v in sorted(self.sizes.items(), key=lambda kv: -kv[1])[:3])
+        found = ", ".join(f"{k} ({v})" for k, v in Counter(self.sizes).most_common(3))
         classes = f", classes {'/'.join(self.classes)}" if self.classes else ""
         return (f"{self.layout} data in {_show(self.root)}: {len(self.train)} train / {len(self.val)} val images "
                 f"of {found} read at {s}x{s}{classes}; cache {_show(self.cache)}")
@@ -112,16 +116,14 @@ def _decode_all(paths, size):
         try:
             return decode_image(p, size)
         except Exception as e:  # unreadable, corrupt, truncated or too large: skipped
-            return f"{_show(p)} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            reason = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
+            return f"{_show(p)} ({reason or type(e).__name__})"
     with ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(one, paths))
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     images = torch.from_numpy(np.stack([results[i][0] for i in keep])[:, None]) if keep else \
         torch.empty(0, 1, size, size, dtype=torch.uint8)
-    sizes = {}
-    for i in keep:
-        key = "{}x{}".format(*results[i][1])
-        sizes[key] = sizes.get(key, 0) + 1
+    sizes = dict(Counter("{}x{}".format(*results[i][1]) for i in keep))
     return images, keep, sizes, [r for r in results if isinstance(r, str)]
 
 
@@ -166,8 +168,8 @@ def _load_split(root, layout, split, paths, labels, size):
             break
     else:
         images, keep, sizes, skipped = _decode_all([e[0] for e in entries], size)
-        kept = torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
-        c = {"images": images, "labels": kept if labels[0] is not None else None, "sizes": sizes, "skipped": skipped}
+        kept = None if labels[0] is None else torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
+        c = {"images": images, "labels": kept, "sizes": sizes, "skipped": skipped}
         d = _save_cache(c, dirs, name, f"{layout}_{split}_{size}_")
     for msg in c["skipped"]:
         print(f"warning: skipping {msg}", file=sys.stderr)
@@ -197,8 +199,8 @@ def _save_cache(c, dirs, name, stale):
 # ---------------------------------------------------------------- layouts
 def _subdirs(d, exclude):
     try:
-        return sorted(e.path for e in os.scandir(d) if e.is_dir() and not e.name.startswith((".", OASIS + "seg"))
-                      and e.path not in exclude)
+        return sorted(e.path for e in os.scandir(d) if e.is_dir() and e.path not in exclude
+                      and not e.name.startswith((".", OASIS + "seg")))
     except OSError:
         return []
 
@@ -211,91 +213,91 @@ def find_layout(folder, exclude=()):
             name = os.path.basename(os.path.normpath(d))
             if name == OASIS + "data" or os.path.isdir(os.path.join(d, OASIS + "train")):
                 return "oasis", d
-            if name == "AD_NC" or any(os.path.isdir(os.path.join(d, s, c)) for s in ("train", "test") for c in ADNI_CLASSES):
+            if name == "AD_NC" or any(os.path.isdir(os.path.join(d, s, c)) for s in ADNI_SPLITS
+                                      for c in ADNI_CLASSES):
                 return "adni", d
         level = [s for d in level for s in _subdirs(d, exclude)]
     return "folder", folder
 
 
 def _split_files(layout, root, cfg, exclude):
-    """{split: (paths, labels)} of a layout; UserError when a split folder is missing or empty."""
-    if layout == "oasis":
-        names = ["train", "validate"] + ["test"] * cfg["OASIS_TRAIN_ON_TEST"]
-        folders = {s: [(os.path.join(root, OASIS + s), None)] for s in names}
-    elif layout == "adni":
-        folders = {s: [(os.path.join(root, s, c), i) for i, c in enumerate(ADNI_CLASSES)] for s in ("train", "test")}
-    else:
+    """{split: (paths, labels)}; UserError when a split folder is missing or holds no images."""
+    if layout == "folder":
         paths = list_images(root, exclude)
         return {"all": (paths, [None] * len(paths))} if paths else {}
+    if layout == "oasis":
+        folders = {s: [(OASIS + s, None)] for s in ["train", "validate"] + ["test"] * cfg["OASIS_TRAIN_ON_TEST"]}
+    else:
+        folders = {s: [(os.path.join(s, c), i) for i, c in enumerate(ADNI_CLASSES)] for s in ADNI_SPLITS}
     splits = {}
     for s, parts in folders.items():
         paths, labels = [], []
         for d, label in parts:
-            if not os.path.isdir(d):
-                raise UserError(f"{layout.upper()} layout in {_show(root)} has no {os.path.relpath(d, root)} folder: "
-                                f"add it, or point --data-dir at a complete copy")
-            found = list_images(d)
+            if not os.path.isdir(os.path.join(root, d)):
+                raise UserError(f"the {layout.upper()} layout in {_show(root)} has no {d} folder: add it, or point "
+                                f"--data-dir at a complete copy")
+            found = list_images(os.path.join(root, d))
             paths, labels = paths + found, labels + [label] * len(found)
         if not paths:
-            raise UserError(f"{_show(os.path.dirname(d) if layout == 'adni' else d)} holds no images "
-                            f"({', '.join(IMAGE_EXTS)}): add them or point --data-dir elsewhere")
+            raise UserError(f"{_show(os.path.join(root, OASIS + s if layout == 'oasis' else s))} holds no images "
+                            f"({', '.join(IMAGE_EXTS)}): add them, or point --data-dir at a complete copy")
         splits[s] = (paths, labels)
     return splits
 
 
-def _holds_data(folder):
-    """Whether the default data folder holds anything beyond README.md, hidden entries and the demo."""
-    return os.path.isdir(folder) and any(not e.startswith(".") and e not in ("README.md", "demo")
-                                         for e in os.listdir(folder))
+def _locate(cfg):
+    """(layout name or None, folder to search, folders to leave out), building the demo where it is due."""
+    folder = cfg["DATA_DIR"]
+    demo = os.path.join(folder, "demo")
+    if os.path.normpath(folder) != os.path.normpath(utils.DATA_DIR):
+        return None, folder, set()
+    if os.path.isdir(folder) and any(not e.startswith(".") and e not in ("README.md", "demo")
+                                     for e in os.listdir(folder)):
+        return None, folder, {demo}  # real data in the default folder: never the demo
+    if not os.path.isfile(os.path.join(demo, "DONE")):  # DONE is written last: a half-built demo is rebuilt
+        try:
+            build_demo(demo)
+        except OSError as e:
+            raise UserError(f"could not build the demo in {_show(demo)} ({e.strerror or e}): make {_show(folder)} "
+                            f"writable or pass --data-dir PATH") from None
+    return "demo", os.path.join(demo, OASIS + "data"), set()
 
 
 def load_data(cfg):
-    """Find the dataset under cfg['DATA_DIR'] (or build the demo there), read it and split it."""
-    folder, size, layout_name = cfg["DATA_DIR"], cfg["IMAGE_SIZE"], None
-    if size <= 0:
-        raise UserError(f"IMAGE_SIZE must be positive, got {size}")
-    demo = os.path.join(folder, "demo")
-    default = os.path.normpath(folder) == os.path.normpath(utils.DATA_DIR)
-    if default and not _holds_data(folder):
-        if not os.path.isfile(os.path.join(demo, "DONE")):
-            try:
-                build_demo(demo)
-            except OSError as e:
-                raise UserError(f"could not build the demo in {_show(demo)} ({e}): make it writable or set "
-                                f"--data-dir") from None
-        folder, layout_name = os.path.join(demo, OASIS + "data"), "demo"
+    """Find the dataset under cfg['DATA_DIR'] (or build the demo there), read it (cached) and split it."""
+    if (size := cfg["IMAGE_SIZE"]) <= 0:
+        raise UserError(f"IMAGE_SIZE must be positive, got {size}: use --image-size 128")
+    name, folder, exclude = _locate(cfg)
     if not os.path.isdir(folder):
         raise UserError(f"DATA_DIR {_show(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC) "
                         f"or any images there, or pass --data-dir PATH")
-    exclude = {demo} if default else set()
     layout, root = find_layout(folder, exclude)
     splits = _split_files(layout, root, cfg, exclude)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
         raise UserError(f"DATA_DIR {_show(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
-                        "never trained on: add keras_png_slices_{train,validate}" if masks else
-                        f"no images ({', '.join(IMAGE_EXTS)})") + ": put a dataset there or pass --data-dir PATH")
-    parts, keys, sizes, cache = {}, [], {}, None
+                        "never trained on" if masks else f"no images ({', '.join(IMAGE_EXTS)})")
+                        + ": put OASIS, ADNI or any images there, or pass --data-dir PATH")
+    got, keys, sizes, cache = {}, [], Counter(), None
     for s, (paths, labels) in splits.items():
-        c, key, d = _load_split(root, layout, s, paths, labels, size)
+        c, key, where = _load_split(root, layout, s, paths, labels, size)
         if not len(c["images"]):
             raise UserError(f"none of the {len(paths)} images of the {s} split in {_show(root)} could be read")
-        parts[s], cache = (c["images"], c["labels"]), cache or d
+        got[s], cache = c, cache or where
         keys.append(key)
-        for k, v in c["sizes"].items():
-            sizes[k] = sizes.get(k, 0) + v
+        sizes.update(c["sizes"])
     if layout == "oasis":
-        train = [parts["train"][0]] + ([parts["test"][0]] if "test" in parts else [])
-        data = Data(layout_name or layout, root, torch.cat(train), parts["validate"][0])
+        train = torch.cat([got[s]["images"] for s in ("train", "test") if s in got])
+        data = Data(name or layout, root, train, got["validate"]["images"])
     elif layout == "adni":
-        data = Data(layout, root, *parts["train"][:1], parts["test"][0], parts["train"][1], parts["test"][1],
-                    list(ADNI_CLASSES))
-    else:  # seeded 95/5 split, at least one held-out image when there are two
-        images = parts["all"][0]
+        tr, te = got["train"], got["test"]
+        data = Data(layout, root, tr["images"], te["images"], tr["labels"], te["labels"], list(ADNI_CLASSES))
+    else:  # a seeded 95/5 split, at least one held-out image when there are two
+        images = got["all"]["images"]
         n_val = max(1, round(VAL_FRACTION * len(images))) if len(images) >= 2 else 0
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["SEED"]))
         data = Data(layout, root, images[perm[n_val:].sort().values], images[perm[:n_val].sort().values])
-    data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, sizes
+    data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, dict(sizes)
     if len(data.train) < cfg["BATCH_SIZE"]:
         print(f"notice: only {len(data.train)} training images, fewer than BATCH_SIZE {cfg['BATCH_SIZE']}: "
               f"training will use smaller batches")
@@ -304,66 +306,67 @@ def load_data(cfg):
 
 # ---------------------------------------------------------------- the demo set
 def _template(size):
-    """The MNI ICBM152 T1, GM, WM and brain maps as Z x 4 x Y x X (nose up, radiological) and their geometry."""
+    """The MNI ICBM152 T1 and its labels (0 background, 1 CSF, 2 GM, 3 WM) as Z x 2 x Y x X axial slices,
+    nose up and radiological, cropped to the brain where it is large; and the millimetres per demo pixel."""
     import nibabel
     import nilearn
     from scipy import ndimage
     folder = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
     t1, gm, wm = (nibabel.load(os.path.join(folder, TEMPLATE.format(k))).get_fdata(dtype=np.float32) / 255
-                  for k in ("t1", "gm", "wm"))
+                  for k in ("t1", "gm", "wm"))  # X x Y x Z (RAS), 1 mm
     in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # fill holes slice by slice (x, y)
-    t1 *= ndimage.binary_dilation(gm + wm > 0.3, iterations=3)  # strip any skull (a no-op for this template)
-    brain = ndimage.binary_fill_holes(t1 > 0.02, structure=in_plane).astype(np.float32)
-    vol = torch.from_numpy(np.stack([t1, gm, wm, brain]).transpose(3, 0, 2, 1)[:, :, ::-1, ::-1].copy())
-    _, ys, xs = np.nonzero(brain.transpose(2, 1, 0)[:, ::-1, ::-1])
-    area = brain.sum((0, 1))
-    zs = np.nonzero(area >= 0.3 * area.max())[0]  # slices where the brain is reasonably large
-    mm = (max(np.ptp(ys), np.ptp(xs)) + 1) / (DEMO_FILL * size)  # template millimetres per demo pixel
-    return vol, (float(zs[0]), float(zs[-1])), ((ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2), mm
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # fill holes slice by slice
+    t1 *= ndimage.binary_dilation(gm + wm > 0.3, iterations=3)  # strip any skull (a no-op: this T1 is stripped)
+    brain = ndimage.binary_fill_holes(t1 > 0.02, structure=in_plane)
+    labels = np.where(brain, 1 + np.argmax(np.stack([brain - gm - wm, gm, wm]), 0), 0)
+    vol = np.stack([t1, labels]).transpose(3, 0, 2, 1)[:, :, ::-1, ::-1]  # Z x 2 x Y x X, anterior up, right left
+    area = (vol[:, 1] > 0).sum((1, 2))
+    z = np.nonzero(area >= DEMO_MIN_AREA * area.max())[0]
+    vol = vol[z[0]:z[-1] + 1]
+    y, x = (np.nonzero((vol[:, 1] > 0).any((0, a)))[0] for a in (2, 1))
+    vol = vol[:, :, y[0]:y[-1] + 1, x[0]:x[-1] + 1]  # the brain's box: its centre is the frame's centre
+    return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)), max(vol.shape[2:]) / (DEMO_FILL * size)
 
 
-def _demo_slices(vol, z, g, size, centre, mm):
+def _demo_slices(vol, z, g, size, mm):
     """Deformed axial slices at positions z (voxels): uint8 images and 4-level masks, len(z) x size x size."""
-    n, (nz, _, ny, nx) = len(z), vol.shape
-    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=g)
-    smooth = lambda std, k: F.interpolate(torch.randn(n, 2, k, k, generator=g) * std, size=(size, size),
+    n, (_, _, ny, nx) = len(z), vol.shape
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)
+    smooth = lambda std, k: F.interpolate(torch.randn(n, 2, k, k, generator=g) * std, size=(DEMO_FIELD,) * 2,
                                           mode="bicubic", align_corners=True)
-    p = (torch.arange(size) - (size - 1) / 2) * mm
-    py, px = torch.meshgrid(p, p, indexing="ij")
-    angle = u(-10, 10, n, 1, 1) * math.pi / 180
-    zoom = u(0.9, 1.1, n, 1, 1, 1) * u(0.95, 1.05, n, 2, 1, 1)  # scale, and a little more on one axis
-    warp = smooth(3.0, 5)  # elastic: a coarse random displacement grid (mm), smoothly upsampled
-    qx = (angle.cos() * px - angle.sin() * py) / zoom[:, 0] + warp[:, 0] + u(-3, 3, n, 1, 1)
-    qy = (angle.sin() * px + angle.cos() * py) / zoom[:, 1] + warp[:, 1] + u(-3, 3, n, 1, 1)
-    grid = torch.stack([(centre[1] + qx) / (nx - 1), (centre[0] + qy) / (ny - 1)], -1) * 2 - 1
-    below, frac = z.long().clamp(max=nz - 2), (z - z.floor()).view(n, 1, 1, 1)
-    planes = vol[below] * (1 - frac) + vol[below + 1] * frac  # axial planes between two slices
-    t1, gm, wm, brain = F.grid_sample(planes, grid, align_corners=True).unbind(1)
-    bias = smooth(0.1, 4)[:, 0].exp()  # smooth multiplicative bias field
-    img = t1.clamp(0, 1) ** u(0.75, 1.35, n, 1, 1) * u(0.85, 1.1, n, 1, 1) * bias  # gamma, contrast, bias
-    tissue = torch.stack([(brain - gm - wm).clamp(min=0), gm, wm], -1).argmax(-1) + 1  # CSF, GM, WM
-    seg = torch.where(brain > 0.5, tissue, 0) * 85  # OASIS-like levels 0, 85, 170, 255
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), seg.to(torch.uint8)
+    to_grid = torch.tensor([2 / (nx - 1), 2 / (ny - 1)]).view(1, 2, 1)  # voxels to grid_sample units
+    angle = u(-10, 10) * math.pi / 180  # rotation, zoom (a little more on one axis) and shift
+    rot = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1).view(n, 2, 2)
+    rot = rot / (u(0.9, 1.1, 1, 1) * u(0.95, 1.05, 2, 1)) * (size - 1) / 2 * mm
+    theta = torch.cat([rot, u(-3, 3, 2, 1)], 2) * to_grid
+    field = F.affine_grid(theta, [n, 1, DEMO_FIELD, DEMO_FIELD], align_corners=True).permute(0, 3, 1, 2)
+    field = field + smooth(3.0, 5) * to_grid[..., None]  # elastic: a coarse random displacement grid (mm)
+    field = torch.cat([field, smooth(0.1, 4)[:, :1]], 1)  # and a log bias field
+    field = F.interpolate(field, size=(size, size), mode="bilinear", align_corners=True)
+    planes = vol[z.round().long()]
+    t1 = F.grid_sample(planes[:, :1], field[:, :2].permute(0, 2, 3, 1), align_corners=True)[:, 0]
+    labels = F.grid_sample(planes[:, 1:], field[:, :2].permute(0, 2, 3, 1), mode="nearest", align_corners=True)[:, 0]
+    img = t1.clamp(0, 1) ** u(1.1, 1.8, 1, 1) * u(0.9, 1.15, 1, 1) * field[:, 2].exp()  # gamma, contrast, bias
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), (labels * 85).to(torch.uint8)  # OASIS mask levels
 
 
 def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
     """Write an OASIS-like set of skull-stripped axial slices (and masks) made from the MNI ICBM152 template."""
     start = time.time()
     print(f"building the demo set from the MNI ICBM152 template into {_show(out_dir)} (first run only)...", flush=True)
-    vol, (z0, z1), centre, mm = _template(size)
+    vol, mm = _template(size)
     g, base, case = torch.Generator().manual_seed(seed), os.path.join(out_dir, OASIS + "data"), 0
     save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)
     with ThreadPoolExecutor(WORKERS) as pool:
         for split, n in (("train", n_train), ("validate", n_val), ("test", n_test)):
             img_dir, seg_dir = os.path.join(base, OASIS + split), os.path.join(base, OASIS + "seg_" + split)
-            os.makedirs(img_dir, exist_ok=True)
-            os.makedirs(seg_dir, exist_ok=True)
+            for d in (img_dir, seg_dir):
+                os.makedirs(d, exist_ok=True)
             for i0 in range(0, n, DEMO_CHUNK):
                 i = torch.arange(i0, min(n, i0 + DEMO_CHUNK))
                 k = i % DEMO_PER_CASE  # slice k of its case, k-th of DEMO_PER_CASE bands from bottom to top
-                z = z0 + (k + torch.rand(len(i), generator=g)) / DEMO_PER_CASE * (z1 - z0)
-                imgs, segs = _demo_slices(vol, z, g, size, centre, mm)
+                z = (k + torch.rand(len(i), generator=g)) / DEMO_PER_CASE * (len(vol) - 1)
+                imgs, segs = _demo_slices(vol, z, g, size, mm)
                 names = [f"{case + j // DEMO_PER_CASE + 1:03d}_slice_{j % DEMO_PER_CASE}.nii.png" for j in i.tolist()]
                 list(pool.map(save, list(imgs) + list(segs), [os.path.join(img_dir, "case_" + f) for f in names]
                               + [os.path.join(seg_dir, "seg_" + f) for f in names]))
@@ -381,15 +384,11 @@ def main():
     cfg["DATA_DIR"] = args.dir or cfg["DATA_DIR"]
     d = load_data(cfg)
     print(f"layout  {d.layout} in {_show(d.root)}")
-    print(f"splits  {len(d.train)} train, {len(d.val)} val" + (" (train includes OASIS test)"
-                                                                 * cfg["OASIS_TRAIN_ON_TEST"] * (d.layout != "adni")))
-    print(f"images  {', '.join(f'{k} ({v})' for k, v in d.sizes.items())} found, read at "
-          f"{cfg['IMAGE_SIZE']}x{cfg['IMAGE_SIZE']}")
-    if d.classes:
-        print("classes " + ", ".join(f"{c} ({int((d.train_labels == i).sum())} train, "
-                                     f"{int((d.val_labels == i).sum())} val)" for i, c in enumerate(d.classes)))
+    print(f"splits  {len(d.train)} train, {len(d.val)} val" + (", classes " + ", ".join(
+        f"{c} ({int((d.train_labels == i).sum())} train, {int((d.val_labels == i).sum())} val)"
+        for i, c in enumerate(d.classes)) if d.classes else ""))
+    print(f"images  {', '.join(f'{k} ({v})' for k, v in d.sizes.items())} found, read at {d.train.shape[-1]}px")
     print(f"cache   {_show(d.cache)} (fingerprint {d.fingerprint})")
-
 
 if __name__ == "__main__":
     utils.run(main)

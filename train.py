@@ -8,11 +8,11 @@ import csv
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -88,6 +88,36 @@ def batch_loss(model, schedule, x0, t, noise, y, cfg, autocast):
     return err * schedule.loss_weight(t, cfg["MIN_SNR_GAMMA"])
 
 
+def make_batch(images, labels, idx, gen, cfg, rank, world, device, num_classes=0):
+    """This rank's share of a global batch: x0 in [-1, 1], t, noise, labels (with guidance dropout).
+
+    Every rank draws the whole global batch's random numbers, so any world size sees the same ones.
+    """
+    n, mine = len(idx), slice(rank * (len(idx) // world), (rank + 1) * (len(idx) // world))
+    noise = torch.randn((n, *images.shape[1:]), generator=gen, device=device)[mine]
+    t = torch.randint(0, cfg["TIMESTEPS"], (n,), generator=gen, device=device)[mine]
+    flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
+    drop = torch.rand(n, generator=gen, device=device)[mine] < cfg["COND_DROP"]
+    x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    x0 = x0.contiguous(memory_format=torch.channels_last)
+    if cfg["HFLIP"]:
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    y = torch.where(drop, num_classes, labels[idx[mine]]) if num_classes else None  # class num_classes = 'null'
+    return x0, t, noise.contiguous(memory_format=torch.channels_last), y
+
+
+def train_step(net, model, optimizer, schedule, x0, t, noise, y, cfg, autocast):
+    """One optimizer step; returns (loss, skipped) as device tensors, without syncing with the host."""
+    loss = batch_loss(net, schedule, x0, t, noise, y, cfg, autocast).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    optimizer.found_inf = bad.float()  # fused AdamW skips the update when this is 1: no host sync
+    optimizer.step()
+    return loss.detach(), bad
+
+
 @torch.no_grad()
 def validation_loss(model, schedule, val, cfg, device, autocast):
     """Loss on a fixed validation subset at fixed timesteps and fixed noise: comparable across epochs."""
@@ -114,7 +144,7 @@ def sample_grid(ema_model, schedule, cfg, device, autocast, path, num_classes):
             return ema_model(x, t, y) if y is not None else ema_model(x, t)
     x = schedule.sample(net, (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++",
                         cfg["SAMPLE_STEPS"], generator=gen, device=device)
-    utils.save_images(x, path, nrow=6)
+    utils.save_png(x, path, nrow=6)
 
 
 def plot_losses(history, path):
@@ -257,30 +287,14 @@ def main():
             order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
             order = order.to(train_images.device)
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['EPOCHS']}", disable=not master,
-                       leave=False, dynamic_ncols=True)
+                       leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
             for i in bar:
-                # the whole global batch's noise is drawn on every rank, so any world size sees the same numbers
-                idx = order[i * global_batch:(i + 1) * global_batch][rank * batch:(rank + 1) * batch]
-                noise = torch.randn((global_batch, *train_images.shape[1:]), generator=noise_gen, device=device)
-                t = torch.randint(0, cfg["TIMESTEPS"], (global_batch,), generator=noise_gen, device=device)
-                flip = torch.rand(global_batch, generator=noise_gen, device=device) < 0.5
-                drop = torch.rand(global_batch, generator=noise_gen, device=device) < cfg["COND_DROP"]
-                mine = slice(rank * batch, (rank + 1) * batch)
-                x0 = train_images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1)
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-                if cfg["HFLIP"]:
-                    x0 = torch.where(flip[mine, None, None, None], x0.flip(-1), x0)
-                y = torch.where(drop[mine], num_classes, train_labels[idx]) if num_classes else None
-
+                idx = order[i * global_batch:(i + 1) * global_batch]
+                x0, t, noise, y = make_batch(train_images, train_labels, idx, noise_gen, cfg, rank, world, device,
+                                               num_classes)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, step, total_steps)
-                loss = batch_loss(net, schedule, x0, t[mine], noise[mine], y, cfg, autocast).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
-                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-                optimizer.found_inf = bad.float()  # fused AdamW skips the update when set: no host sync
-                optimizer.step()
+                loss, bad = train_step(net, model, optimizer, schedule, x0, t, noise, y, cfg, autocast)
                 update_ema(step)
                 bad_run.mul_(bad).add_(bad)
                 bad_total.add_(bad)
@@ -329,10 +343,17 @@ def main():
             save(ckpt_path)
             print(f"\nstopped at step {step:,}: checkpoint saved to {ckpt_path}; run train.py again to resume")
         raise SystemExit(130)
+    if world > 1:  # every rank must hold the same weights; say so, cheaply
+        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        reference = flat.clone()
+        dist.broadcast(reference, 0)
+        gap = (flat - reference).abs().max()
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+        if master:
+            print(f"weights identical on all {world} ranks" if gap.item() == 0 else f"warning: ranks differ by {gap.item():.2e}")
+        dist.destroy_process_group()
     if master:
         print(f"done: {step:,} steps; checkpoint {ckpt_path}, samples in {os.path.join(out, 'samples')}")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

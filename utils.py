@@ -298,11 +298,13 @@ def to_unit(x):
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def save_images(x, path, nrow=8):
-    """Save a batch of [-1, 1] images as one grid PNG (torchvision)."""
-    from torchvision.utils import save_image
+def save_png(x, path, nrow=None):
+    """One [-1, 1] image, or a grid of many (nrow per row, default square), as an 8-bit grayscale PNG."""
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+    img = x if x.dim() == 3 else make_grid(x.float(), nrow=nrow or math.ceil(math.sqrt(len(x))), padding=2)[:1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image(to_unit(x.cpu()), path, nrow=nrow, padding=2, pad_value=0)
+    to_pil_image(to_unit(img.cpu())).save(path)
 
 
 def save_checkpoint(state, path):

@@ -1,6 +1,50 @@
+"""Shared fixtures: a tiny image folder and a tiny trained checkpoint, made once per test session."""
 import os
+import subprocess
 import sys
+
+import numpy as np
+import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# a model small enough to train in seconds on 2 CPU cores
+TINY = ["--image-size", "32", "--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+        "--attn-resolutions", "16", "--num-heads", "2", "--batch-size", "8", "--timesteps", "100",
+        "--sample-steps", "5", "--log-every", "2", "--warmup-steps", "2", "--compile", "false", "--lr", "1e-3"]
+
+
+def run_script(script, *args, timeout=300, **kwargs):
+    """Run one of the project's scripts; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def write_blobs(folder, n, size=32, seed=0):
+    """n grayscale images of bright ellipses on black, all different."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx = rng.uniform(size * 0.35, size * 0.65, 2)
+        ry, rx = rng.uniform(size * 0.2, size * 0.4, 2)
+        img = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1) * rng.uniform(120, 255)
+        Image.fromarray(img.astype(np.uint8), "L").save(os.path.join(folder, f"img_{i:03d}.png"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return write_blobs(str(tmp_path_factory.mktemp("blobs")), 40)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """OUTPUT_DIR of a tiny model trained for 2 epochs on tiny_data."""
+    out = str(tmp_path_factory.mktemp("run"))
+    r = run_script("train.py", "--data-dir", tiny_data, "--output-dir", out, "--epochs", "2", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -1,0 +1,187 @@
+"""Measure training and sampling speed of the configured model on this device.
+
+    python bench.py                          # the constants in utils.py (any --flag overrides them)
+    python bench.py --vs-diffusers           # also diffusers' UNet2DModel of matched size, alternating
+Prints a table and writes OUTPUT_DIR/bench.json.
+"""
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dataset
+import train
+import utils
+from modules import build_model, groups
+
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
+                    "RTX 4090": 165, "RTX 3090": 71, "V100": 125}  # dense bf16 (fp16 for V100) tensor-core peaks
+
+
+class DiffusersUNet(torch.nn.Module):
+    """diffusers' UNet2DModel with our widths, depths and attention resolutions, called like ours."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from diffusers import UNet2DModel
+        widths = [cfg["BASE_CHANNELS"] * m for m in cfg["CHANNEL_MULT"]]
+        attn = [cfg["IMAGE_SIZE"] // 2 ** i in cfg["ATTN_RESOLUTIONS"] for i in range(len(widths))]
+        self.net = UNet2DModel(
+            sample_size=cfg["IMAGE_SIZE"], in_channels=cfg["CHANNELS"], out_channels=cfg["CHANNELS"],
+            layers_per_block=cfg["NUM_RES_BLOCKS"], block_out_channels=widths, norm_num_groups=groups(widths[0]),
+            down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+            attention_head_dim=widths[-1] // cfg["NUM_HEADS"], dropout=cfg["DROPOUT"])
+
+    def forward(self, x, t, y=None):
+        return self.net(x, t).sample
+
+
+def peak_tflops(device, override):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_image(model, cfg, device):
+    """Training FLOPs (forward + backward) per image, counted by torch.utils.flop_counter."""
+    x = torch.randn(2, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"], device=device)
+    t = torch.randint(0, cfg["TIMESTEPS"], (2,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+class TrainingRun:
+    """The real training step (train.py) of one model on the real data, timed in rounds."""
+
+    def __init__(self, model, cfg, images, device):
+        self.cfg, self.images, self.device = cfg, images, device
+        self.model = model.to(device, memory_format=torch.channels_last)
+        compile_model = cfg["COMPILE"] == "true" or (cfg["COMPILE"] == "auto" and device.type == "cuda")
+        self.net = torch.compile(self.model) if compile_model else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        self.ema, self.update_ema = train.make_ema(self.model, cfg)
+        self.schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.steps = 0
+
+    def run(self, steps):
+        """Images per second over `steps` steps."""
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.images), (self.cfg["BATCH_SIZE"],), device=self.images.device)
+            x0, t, noise, y = train.make_batch(self.images, None, idx, self.gen, self.cfg, 0, 1, self.device)
+            train.train_step(self.net, self.model, self.optimizer, self.schedule, x0, t, noise, y, self.cfg,
+                             self.autocast)
+            self.update_ema(self.steps)
+            self.steps += 1
+        sync(self.device)
+        return steps * self.cfg["BATCH_SIZE"] / (time.perf_counter() - start)
+
+
+def sampling_speed(run, sampler, steps, batch):
+    """Images per second of one batch through the sampler (after one warm-up batch)."""
+    cfg, device = run.cfg, run.device
+    model = run.ema.module.eval()
+    net = torch.compile(model) if run.net is not run.model else model
+
+    def call(x, t):
+        with run.autocast:
+            return net(x, t)
+    shape = (batch, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"])
+    times = []
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            run.schedule.sample(call, shape, sampler, steps, device=device)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    model.train()
+    return batch / times[-1]
+
+
+def main():
+    parser = utils.build_parser(__doc__)
+    parser.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DModel, alternating")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    parser.add_argument("--ddpm-batch", type=int, default=64, help="batch for the 1000-step ddpm timing (0 skips)")
+    args = parser.parse_args()
+    cfg = utils.check_config(utils.config_from_args(args))
+    device = utils.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    data = dataset.load_data(cfg)
+    fits = device.type == "cuda" and data.train.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]
+    images = data.train.to(device) if fits else data.train
+
+    runs = {"ours": TrainingRun(build_model(cfg), cfg, images, device)}
+    if args.vs_diffusers:
+        try:
+            runs["diffusers"] = TrainingRun(DiffusersUNet(cfg), cfg, images, device)
+        except ImportError:
+            raise utils.UserError("--vs-diffusers needs diffusers: pip install diffusers") from None
+    rates = {name: [] for name in runs}
+    for name, run in runs.items():
+        run.run(args.warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.rounds):  # alternate, so drifts in clock or load hit both alike
+        for name, run in runs.items():
+            rates[name].append(run.run(args.steps))
+
+    peak = peak_tflops(device, args.peak_tflops)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "image_size": cfg["IMAGE_SIZE"], "batch_size": cfg["BATCH_SIZE"], "torch": torch.__version__,
+              "compile": runs["ours"].net is not runs["ours"].model, "peak_tflops": peak}
+    for name, run in runs.items():
+        rate = statistics.median(rates[name])
+        flops = flops_per_image(run.model, cfg, device)
+        result[name] = {"params_m": sum(p.numel() for p in run.model.parameters()) / 1e6,
+                        "train_img_per_s": rate, "train_gflops_per_img": flops / 1e9,
+                        "mfu": flops * rate / (peak * 1e12) if peak else None}
+    if device.type == "cuda":
+        result["ours"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if "diffusers" in runs:
+        result["train_speedup_vs_diffusers"] = result["ours"]["train_img_per_s"] / result["diffusers"]["train_img_per_s"]
+    result["ours"]["sample_dpm++25_img_per_s"] = sampling_speed(runs["ours"], "dpm++", 25, cfg["SAMPLE_BATCH"])
+    if args.ddpm_batch:
+        result["ours"]["sample_ddpm1000_img_per_s"] = sampling_speed(runs["ours"], "ddpm", cfg["TIMESTEPS"],
+                                                                     args.ddpm_batch)
+
+    print(f"{result['device']}, {cfg['IMAGE_SIZE']} px, batch {cfg['BATCH_SIZE']}, torch {torch.__version__}, "
+          f"compile {result['compile']}")
+    for name in runs:
+        r = result[name]
+        print(f"  {name:10s} {r['params_m']:6.1f}M params  train {r['train_img_per_s']:9.1f} img/s  "
+              f"{r['train_gflops_per_img']:7.1f} GFLOP/img" + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
+    if "diffusers" in runs:
+        print(f"  speed-up vs diffusers: {result['train_speedup_vs_diffusers']:.2f}x")
+    print("  sampling: " + ", ".join(f"{k.split('_')[1]} {v:.1f} img/s" for k, v in result["ours"].items()
+                                     if k.startswith("sample_")))
+    os.makedirs(cfg["OUTPUT_DIR"], exist_ok=True)
+    with open(os.path.join(cfg["OUTPUT_DIR"], "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    utils.run(main)
