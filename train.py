@@ -182,7 +182,11 @@ def main():
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
     # ---- data: one uint8 tensor per split, kept on the GPU when it fits
+    if not master:  # rank 0 builds the demo set or the cache first, the others then read it
+        dist.barrier()
     data = dataset.load_data(cfg)
+    if world > 1 and master:
+        dist.barrier()
     if master:
         print(data.summary())
     num_classes = len(data.classes) if cfg["CONDITIONAL"] else 0
@@ -344,7 +348,7 @@ def main():
             print(f"\nstopped at step {step:,}: checkpoint saved to {ckpt_path}; run train.py again to resume")
         raise SystemExit(130)
     if world > 1:  # every rank must hold the same weights; say so, cheaply
-        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         reference = flat.clone()
         dist.broadcast(reference, 0)
         gap = (flat - reference).abs().max()
