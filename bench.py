@@ -142,12 +142,14 @@ def main():
             raise utils.UserError("--vs-diffusers needs diffusers: pip install diffusers") from None
     rates = {name: [] for name in runs}
     for name, run in runs.items():
+        print(f"warming up {name} ({args.warmup} steps, compiling if on)...", flush=True)
         run.run(args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.rounds):  # alternate, so drifts in clock or load hit both alike
         for name, run in runs.items():
             rates[name].append(run.run(args.steps))
+            print(f"  {name}: {rates[name][-1]:.1f} img/s", flush=True)
 
     peak = peak_tflops(device, args.peak_tflops)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

@@ -238,14 +238,21 @@ def main():
     compiled = torch.compile(model) if cfg["COMPILE"] == "true" or (cfg["COMPILE"] == "auto" and cuda) else model
     net = DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled
 
-    def save(path, with_optimizer=True):
+    best_ema = None  # EMA weights of the lowest validation loss not yet written to best.pt
+
+    def save_all():
+        """checkpoint.pt (everything needed to resume), and best.pt when a new best is waiting."""
+        nonlocal best_ema
         state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "config": cfg, "step": step,
                  "epoch": step // max(1, steps_per_epoch), "best_val": best_val, "history": history,
                  "fingerprint": data.fingerprint, "classes": data.classes if num_classes else [],
-                 "noise_rng": noise_gen.get_state(), "cpu_rng": torch.get_rng_state()}
-        if with_optimizer:
-            state["optimizer"] = optimizer.state_dict()
-        utils.save_checkpoint(state, path)
+                 "noise_rng": noise_gen.get_state(), "cpu_rng": torch.get_rng_state(),
+                 "optimizer": optimizer.state_dict()}
+        utils.save_checkpoint(state, ckpt_path)
+        if best_ema is not None:
+            best = {k: v for k, v in state.items() if k not in ("optimizer", "model", "ema")}
+            utils.save_checkpoint(dict(best, model=best_ema, ema=best_ema), os.path.join(out, "best.pt"))
+            best_ema = None
 
     # ---- Ctrl-C / SIGTERM: finish the step, save, exit
     stop = {"requested": False}
@@ -313,7 +320,7 @@ def main():
                     row = log_row()
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", img_s=f"{row['img_per_s']:.0f}")
                 if master and step % cfg["CHECKPOINT_EVERY"] == 0:
-                    save(ckpt_path)
+                    save_all()
                 if stop["requested"]:
                     break
             bar.close()
@@ -327,10 +334,9 @@ def main():
                 val = validation_loss(ema.module, schedule, data.val, cfg, device, autocast)
                 window_start += time.perf_counter() - paused  # keep img/s a training figure
                 row = log_row(val)
-                if val < best_val:
-                    best_val = val
-                    save(os.path.join(out, "best.pt"), with_optimizer=False)
-                save(ckpt_path)
+                if val < best_val:  # kept in memory, written with the next checkpoint
+                    best_val, best_ema = val, {k: v.detach().to("cpu", copy=True) for k, v in
+                                               ema.module.state_dict().items()}
                 skipped = int(bad_total.item())
                 print(f"epoch {epoch}/{cfg['EPOCHS']}  step {step:,}  loss {row['loss']:.4f}  val {val:.4f}  "
                       f"lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  {row['elapsed_s'] / 60:.1f} min"
@@ -344,7 +350,7 @@ def main():
                         f"--batch-size or --image-size") from None
     if stop["requested"]:
         if master:
-            save(ckpt_path)
+            save_all()
             print(f"\nstopped at step {step:,}: checkpoint saved to {ckpt_path}; run train.py again to resume")
         raise SystemExit(130)
     if world > 1:  # every rank must hold the same weights; say so, cheaply
@@ -357,6 +363,7 @@ def main():
             print(f"weights identical on all {world} ranks" if gap.item() == 0 else f"warning: ranks differ by {gap.item():.2e}")
         dist.destroy_process_group()
     if master:
+        save_all()
         print(f"done: {step:,} steps; checkpoint {ckpt_path}, samples in {os.path.join(out, 'samples')}")
 
 

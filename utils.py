@@ -22,9 +22,9 @@ OASIS_TRAIN_ON_TEST = False  # OASIS: also train on the test split, as earlier p
 CONDITIONAL = False  # ADNI: learn AD/NC class-conditional generation (classifier-free guidance)
 # Network
 BASE_CHANNELS = 64  # width of the first U-Net level
-CHANNEL_MULT = (1, 2, 3, 4)  # width multiplier per level; each level after the first halves the resolution
+CHANNEL_MULT = (1, 2, 2, 4, 4)  # width multiplier per level; each level after the first halves the resolution
 NUM_RES_BLOCKS = 2  # residual blocks per level on the way down
-ATTN_RESOLUTIONS = (16,)  # resolutions (pixels) that get self-attention
+ATTN_RESOLUTIONS = (16, 8)  # resolutions (pixels) that get self-attention
 NUM_HEADS = 4  # attention heads
 DROPOUT = 0.0  # dropout inside residual blocks
 # Diffusion
@@ -36,15 +36,15 @@ COND_DROP = 0.1  # CONDITIONAL: probability of dropping the label (for guidance)
 GUIDANCE = 2.0  # CONDITIONAL: classifier-free guidance scale when sampling
 # Training
 BATCH_SIZE = 64  # images per step (per GPU under torchrun)
-LR = 2e-4  # peak learning rate of AdamW
+LR = 3e-4  # peak learning rate of AdamW
 WEIGHT_DECAY = 0.0  # AdamW weight decay
-WARMUP_STEPS = 500  # linear learning-rate warm-up
+WARMUP_STEPS = 250  # linear learning-rate warm-up
 LR_DECAY = "cosine"  # after warm-up: 'constant' | 'cosine'
 GRAD_CLIP = 1.0  # gradient-norm clipping
-EPOCHS = 60  # passes over the training split
+EPOCHS = 250  # passes over the training split
 EMA_DECAY = 0.999  # exponential moving average of the weights (with warm-up)
 COMPILE = "auto"  # torch.compile the model: 'auto' (on CUDA only) | 'true' | 'false'
-SAMPLE_EVERY = 5  # epochs between sample grids (and loss plots)
+SAMPLE_EVERY = 25  # epochs between sample grids (and loss plots)
 CHECKPOINT_EVERY = 1000  # steps between checkpoints (one is also written at every epoch end)
 LOG_EVERY = 50  # steps between log lines and loss checks
 MAX_NONFINITE = 20  # non-finite losses in a row that stop training
