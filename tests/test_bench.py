@@ -1,0 +1,16 @@
+"""bench.py runs on CPU in a tiny configuration and writes its JSON."""
+import json
+import os
+
+from conftest import TINY, run_script
+
+
+def test_bench_writes_json(tiny_data, tmp_path):
+    r = run_script("bench.py", "--data-dir", tiny_data, "--output-dir", str(tmp_path), *TINY, "--steps", "2",
+                   "--rounds", "2", "--warmup", "1", "--ddpm-batch", "2", "--sample-batch", "2")
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(os.path.join(tmp_path, "bench.json")))
+    ours = result["ours"]
+    assert ours["train_img_per_s"] > 0 and ours["train_gflops_per_img"] > 0
+    assert ours["sample_dpm++25_img_per_s"] > 0 and ours["sample_ddpm1000_img_per_s"] > 0
+    assert "img/s" in r.stdout
