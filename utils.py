@@ -45,7 +45,7 @@ EPOCHS = 250  # passes over the training split
 EMA_DECAY = 0.999  # exponential moving average of the weights (with warm-up)
 COMPILE = "auto"  # torch.compile the model: 'auto' (on CUDA only) | 'true' | 'false'
 SAMPLE_EVERY = 25  # epochs between sample grids (and loss plots)
-CHECKPOINT_EVERY = 1000  # steps between checkpoints (one is also written at every epoch end)
+CHECKPOINT_EVERY = 1000  # steps between checkpoints (one is also written at the end and on Ctrl-C)
 LOG_EVERY = 50  # steps between log lines and loss checks
 MAX_NONFINITE = 20  # non-finite losses in a row that stop training
 # Sampling
