@@ -7,6 +7,7 @@
 import csv
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -25,6 +26,8 @@ from utils import UserError
 # settings a checkpoint must share with the run that resumes it
 MODEL_KEYS = ("IMAGE_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RES_BLOCKS", "ATTN_RESOLUTIONS",
               "NUM_HEADS", "TIMESTEPS", "BETA_SCHEDULE", "PREDICTION", "CONDITIONAL")
+# what a checkpoint must hold to be resumed from (best.pt, for one, has no optimizer)
+RESUME_KEYS = ("model", "ema", "optimizer", "noise_rng", "cpu_rng", "step", "best_val", "history")
 VAL_IMAGES = 512  # validation images (fixed subset, fixed noise and timesteps)
 GRID_SAMPLES = 36  # images in each training sample grid
 
@@ -51,6 +54,53 @@ def check_writable(path):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to OUTPUT_DIR {path!r} ({e.strerror}): pick another with --output-dir") from None
+
+
+def remove_stale_temps(path):
+    """Delete the half-written files (NAME.tmpPID, .write_testPID) of a run that was killed while writing them."""
+    for name in os.listdir(path):
+        if (m := re.fullmatch(r".+\.tmp(\d+)|\.write_test(\d+)", name)) and not _alive(int(m[1] or m[2])):
+            os.remove(os.path.join(path, name))
+
+
+def _alive(pid):
+    """Whether process pid exists (and may still be writing its temporary file)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+def load_resume_state(ckpt_path):
+    """(state, path) to resume from: checkpoint.pt, or checkpoint.prev.pt where that one is missing or unusable.
+
+    (None, None) when there is neither; a UserError pointing at --fresh when neither can be used.
+    """
+    prev, problems = utils.prev_path(ckpt_path), []
+    for path in (ckpt_path, prev):
+        if not os.path.exists(path):
+            continue
+        try:
+            state = utils.load_checkpoint(path, advice="")
+            if missing := [k for k in RESUME_KEYS if k not in state]:
+                raise UserError(f"{path} cannot be resumed from (no {', '.join(missing)} in it)")
+        except UserError as e:
+            print(f"notice: {e}")
+            problems.append(str(e))
+            continue
+        if path == prev:
+            print(f"notice: resuming from the previous checkpoint, {prev}"
+                  + ("" if problems else f" ({ckpt_path} is missing)"))
+        return state, path
+    if problems:
+        if not os.path.exists(prev):
+            problems.append(f"there is no {os.path.basename(prev)} to fall back on")
+        raise UserError(f"cannot resume: {'; '.join(problems)}: start over with --fresh (or choose another "
+                        f"--output-dir)")
+    return None, None
 
 
 def learning_rate(cfg, step, total_steps):
@@ -147,6 +197,11 @@ def sample_grid(ema_model, schedule, cfg, device, autocast, path, num_classes):
     utils.save_png(x, path, nrow=6)
 
 
+def csv_row(row):
+    """One history entry as a log.csv row."""
+    return [f"{v:.6g}" if isinstance(v, float) else v for v in row.values()]
+
+
 def plot_losses(history, path):
     """Training and validation loss against step, log scale."""
     import matplotlib
@@ -174,6 +229,7 @@ def main():
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if master:
         check_writable(out)
+        remove_stale_temps(out)
     torch.manual_seed(cfg["SEED"] + rank)
     cuda = device.type == "cuda"
     if cuda:
@@ -212,16 +268,16 @@ def main():
     noise_gen = torch.Generator(device=device).manual_seed(cfg["SEED"])
     step, best_val, history = 0, float("inf"), []
 
-    if os.path.exists(ckpt_path) and not args.fresh:
-        state = utils.load_checkpoint(ckpt_path)
+    state, resumed_from = (None, None) if args.fresh else load_resume_state(ckpt_path)
+    if state is not None:
         as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
         changed = [f"{k}={state['config'].get(k)} (now {cfg[k]})" for k in MODEL_KEYS
                    if as_tuple(state["config"].get(k)) != as_tuple(cfg[k])]
         if changed:
-            raise UserError(f"{ckpt_path} was trained with {', '.join(changed)}: restore those settings, "
+            raise UserError(f"{resumed_from} was trained with {', '.join(changed)}: restore those settings, "
                             f"or start over with --fresh (or another --output-dir)")
         if state.get("fingerprint") != data.fingerprint and master:
-            print(f"notice: the data changed since {ckpt_path} was written; resuming on the new data")
+            print(f"notice: the data changed since {resumed_from} was written; resuming on the new data")
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -230,7 +286,7 @@ def main():
         step, best_val, history = state["step"], state["best_val"], state["history"]
         ema.n_averaged.fill_(step)
         if master:
-            print(f"resuming from {ckpt_path} at step {step:,} (use --fresh to start over)")
+            print(f"resuming from {resumed_from} at step {step:,} (use --fresh to start over)")
     if master:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg['IMAGE_SIZE']} px, "
               f"batch {batch} x {world} process(es), {steps_per_epoch:,} steps/epoch, {total_steps:,} steps, {device}")
@@ -265,9 +321,10 @@ def main():
     signal.signal(signal.SIGTERM, request_stop)
 
     log_path = os.path.join(out, "log.csv")
-    if master and (step == 0 or not os.path.exists(log_path)):
+    if master:  # the checkpoint's history: rows a killed run logged after its last checkpoint are dropped
         with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"])
+            csv.writer(f).writerows([["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"]]
+                                    + [csv_row(row) for row in history])
     bad_run = torch.zeros((), device=device)  # non-finite losses in a row
     bad_total = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
@@ -289,7 +346,7 @@ def main():
         if master:
             history.append(row)
             with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row.values()])
+                csv.writer(f).writerow(csv_row(row))
         return row
 
     try:

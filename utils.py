@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import torch
 
@@ -136,6 +137,9 @@ def check_config(cfg):
                  "LOG_EVERY"):
         if cfg[name] <= 0:
             raise UserError(f"{name} must be positive, got {cfg[name]}: use --{name.lower().replace('_', '-')} N")
+    for name, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}: use --{name.lower().replace('_', '-')} X")
     if not cfg["LR"] > 0:
         raise UserError(f"LR must be positive, got {cfg['LR']}: use --lr 2e-4")
     if not 0 <= cfg["EMA_DECAY"] < 1:
@@ -316,8 +320,7 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(path):  # keep the last good one, never leaving `path` missing
-            prev = path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
-            _copy_replace(path, prev)
+            _copy_replace(path, prev_path(path))
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
@@ -326,26 +329,50 @@ def save_checkpoint(state, path):
                         f"--output-dir; the previous checkpoint is untouched") from None
 
 
+def prev_path(path):
+    """Where save_checkpoint keeps the previous version of path: NAME.prev.pt."""
+    return path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
+
+
 def _copy_replace(src, dst):
     """Atomically make dst a copy of src (a hard link where the file system allows)."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return  # one file already (killed between the renames): rename() onto its own hard link would do nothing
     tmp = f"{dst}.tmp{os.getpid()}"
     try:
-        os.link(src, tmp)
-    except OSError:  # file system without hard links
-        import shutil
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:  # file system without hard links
+            import shutil
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def load_checkpoint(path):
+def _load_failure(e, path):
+    """Why torch.load refused a file, in a few plain words."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message holds terminal colour codes
+    if unsafe := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"it holds Python objects ({unsafe.group(1)}) that could run code, so it is never unpickled"
+    if isinstance(e, OSError):
+        return e.strerror or text
+    return "empty file" if os.path.getsize(path) == 0 else "truncated or corrupt"
+
+
+def load_checkpoint(path, advice="delete it or pass another --checkpoint"):
     """Load a checkpoint safely (weights_only=True: no code in it ever runs)."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train first (python train.py) or pass --checkpoint PATH")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason}): delete it or pass another --checkpoint")
+        raise UserError(f"{path} is not a readable checkpoint ({_load_failure(e, path)})"
+                        + (f": {advice}" if advice else "")) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no model or config in it)")
     return state
