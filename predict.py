@@ -192,7 +192,7 @@ def main():
 
     if not args.no_metrics:
         result = metrics(samples, data, device)
-        result.update(sampler=run["SAMPLER"], steps=run["SAMPLE_STEPS"], images_per_s=len(samples) / seconds,
+        result.update(sampler=run["SAMPLER"], steps=cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"], images_per_s=len(samples) / seconds,
                       checkpoint=path, step=step)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
