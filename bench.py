@@ -70,8 +70,7 @@ class TrainingRun:
     def __init__(self, model, cfg, images, device):
         self.cfg, self.images, self.device = cfg, images, device
         self.model = model.to(device, memory_format=torch.channels_last)
-        compile_model = cfg["COMPILE"] == "true" or (cfg["COMPILE"] == "auto" and device.type == "cuda")
-        self.net = torch.compile(self.model) if compile_model else self.model
+        self.net = torch.compile(self.model) if utils.wants_compile(cfg, device) else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.ema, self.update_ema = train.make_ema(self.model, cfg)
         self.schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
@@ -131,8 +130,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     data = dataset.load_data(cfg)
-    fits = device.type == "cuda" and data.train.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]
-    images = data.train.to(device) if fits else data.train
+    images = utils.to_device_if_fits(data.train, device)
 
     runs = {"ours": TrainingRun(build_model(cfg), cfg, images, device)}
     if args.vs_diffusers:

@@ -166,10 +166,9 @@ def main():
     model, schedule, cfg, classes, step = load_model(path, not args.no_ema, device)
     out = os.path.join(run["OUTPUT_DIR"], "predict")
     os.makedirs(out, exist_ok=True)
-    compile_model = run["COMPILE"] == "true" or (run["COMPILE"] == "auto" and device.type == "cuda")
     labels = (torch.arange(max(run["NUM_SAMPLES"], run["SAMPLE_BATCH"]), device=device) % len(classes)
               if classes else None)
-    net = make_net(model, device, labels, run["GUIDANCE"], compile_model)
+    net = make_net(model, device, labels, run["GUIDANCE"], utils.wants_compile(run, device))
     print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with "
           f"{cfg['TIMESTEPS'] if run['SAMPLER'] == 'ddpm' else run['SAMPLE_STEPS']} steps, {device}")
 

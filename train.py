@@ -248,8 +248,7 @@ def main():
     num_classes = len(data.classes) if cfg["CONDITIONAL"] else 0
     if cfg["CONDITIONAL"] and not num_classes:
         raise UserError("CONDITIONAL needs a dataset with classes (ADNI's AD/NC): use --conditional false")
-    fits = cuda and data.train.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]
-    train_images = data.train.to(device) if fits else (data.train.pin_memory() if cuda else data.train)
+    train_images = utils.to_device_if_fits(data.train, device)
     train_labels = data.train_labels.to(device) if num_classes else None
     batch = cfg["BATCH_SIZE"]
     if len(train_images) < batch * world:
@@ -291,7 +290,7 @@ def main():
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg['IMAGE_SIZE']} px, "
               f"batch {batch} x {world} process(es), {steps_per_epoch:,} steps/epoch, {total_steps:,} steps, {device}")
 
-    compiled = torch.compile(model) if cfg["COMPILE"] == "true" or (cfg["COMPILE"] == "auto" and cuda) else model
+    compiled = torch.compile(model) if utils.wants_compile(cfg, device) else model
     net = DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled
 
     best_ema = None  # EMA weights of the lowest validation loss not yet written to best.pt

@@ -297,6 +297,18 @@ def get_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def wants_compile(cfg, device):
+    """Whether COMPILE asks for torch.compile on this device ('auto': on CUDA only)."""
+    return cfg["COMPILE"] == "true" or (cfg["COMPILE"] == "auto" and device.type == "cuda")
+
+
+def to_device_if_fits(images, device):
+    """A uint8 split on the GPU when it takes under a quarter of the free memory, else in (pinned) host memory."""
+    if device.type != "cuda":
+        return images
+    return images.to(device) if images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0] else images.pin_memory()
+
+
 def to_unit(x):
     """[-1, 1] images to [0, 1] for saving."""
     return ((x.float() + 1) / 2).clamp(0, 1)
