@@ -2,7 +2,9 @@
 
     python bench.py                          # the constants in utils.py (any --flag overrides them)
     python bench.py --vs-diffusers           # also diffusers' UNet2DModel of matched size, alternating
-Prints a table and writes OUTPUT_DIR/bench.json.
+    python bench.py --profile                # also where the step's time goes (top operators, a trace file)
+Prints a table and writes OUTPUT_DIR/bench.json. Utilisation is given twice: against the device's
+spec-sheet peak (MFU, CUDA) and against a dense matmul timed in the same run (any device).
 """
 import json
 import os
@@ -52,6 +54,21 @@ def peak_tflops(device, override):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def matmul_tflops(device):
+    """Dense matmul throughput in the training dtype (bf16 on CUDA, fp32 on CPU): the reachable peak."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 4 * 2 * n ** 3 / min(times[1:]) / 1e12
 
 
 def flops_per_image(model, cfg, device):
@@ -108,11 +125,23 @@ def sampling_speed(run, sampler, steps, batch):
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            run.schedule.sample(call, shape, sampler, steps, device=device)
+            run.schedule.sample(call, shape, sampler, steps, device=device, spacing=cfg["STEP_SPACING"])
         sync(device)
         times.append(time.perf_counter() - start)
     model.train()
     return batch / times[-1]
+
+
+def profile_steps(run, steps, path):
+    """Print the operators that take the most time in `steps` training steps; write a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run.run(steps)
+    key = "self_cuda_time_total" if run.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20))
+    prof.export_chrome_trace(path)
+    print(f"trace: {path} (open in chrome://tracing or ui.perfetto.dev)")
 
 
 def main():
@@ -123,6 +152,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--ddpm-batch", type=int, default=64, help="batch for the 1000-step ddpm timing (0 skips)")
+    parser.add_argument("--profile", action="store_true", help="also profile a few training steps of ours")
     args = parser.parse_args()
     cfg = utils.check_config(utils.config_from_args(args))
     device = utils.get_device()
@@ -150,15 +180,18 @@ def main():
             print(f"  {name}: {rates[name][-1]:.1f} img/s", flush=True)
 
     peak = peak_tflops(device, args.peak_tflops)
+    matmul = matmul_tflops(device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "image_size": cfg["IMAGE_SIZE"], "batch_size": cfg["BATCH_SIZE"], "torch": torch.__version__,
-              "compile": runs["ours"].net is not runs["ours"].model, "peak_tflops": peak}
+              "compile": runs["ours"].net is not runs["ours"].model, "peak_tflops": peak,
+              "matmul_tflops": matmul}
     for name, run in runs.items():
         rate = statistics.median(rates[name])
         flops = flops_per_image(run.model, cfg, device)
         result[name] = {"params_m": sum(p.numel() for p in run.model.parameters()) / 1e6,
                         "train_img_per_s": rate, "train_gflops_per_img": flops / 1e9,
-                        "mfu": flops * rate / (peak * 1e12) if peak else None}
+                        "mfu": flops * rate / (peak * 1e12) if peak else None,
+                        "matmul_utilisation": flops * rate / (matmul * 1e12)}
     if device.type == "cuda":
         result["ours"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     if "diffusers" in runs:
@@ -169,16 +202,19 @@ def main():
                                                                      args.ddpm_batch)
 
     print(f"{result['device']}, {cfg['IMAGE_SIZE']} px, batch {cfg['BATCH_SIZE']}, torch {torch.__version__}, "
-          f"compile {result['compile']}")
+          f"compile {result['compile']}, dense matmul {matmul:.2f} TFLOP/s")
     for name in runs:
         r = result[name]
         print(f"  {name:10s} {r['params_m']:6.1f}M params  train {r['train_img_per_s']:9.1f} img/s  "
-              f"{r['train_gflops_per_img']:7.1f} GFLOP/img" + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
+              f"{r['train_gflops_per_img']:7.1f} GFLOP/img  {100 * r['matmul_utilisation']:.0f}% of matmul"
+              + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
     if "diffusers" in runs:
         print(f"  speed-up vs diffusers: {result['train_speedup_vs_diffusers']:.2f}x")
     print("  sampling: " + ", ".join(f"{k.split('_')[1]} {v:.1f} img/s" for k, v in result["ours"].items()
                                      if k.startswith("sample_")))
     os.makedirs(cfg["OUTPUT_DIR"], exist_ok=True)
+    if args.profile:
+        profile_steps(runs["ours"], args.steps, os.path.join(cfg["OUTPUT_DIR"], "bench_trace.json"))
     with open(os.path.join(cfg["OUTPUT_DIR"], "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
 

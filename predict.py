@@ -65,7 +65,7 @@ def generate(net, schedule, cfg, run, device, out):
             frames.append(x[:PROCESS_ROWS].cpu())
         keep = (lambda i, total, x_t, x0: frames.append(x_t[:PROCESS_ROWS].float().cpu())) if not start else None
         x = schedule.sample(net, sampler=run["SAMPLER"], steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=x,
-                            generator=gen, device=device, callback=keep)
+                            generator=gen, device=device, callback=keep, spacing=run["STEP_SPACING"])
         samples.append(x.float().cpu())
     samples = torch.cat(samples)
     for i, img in enumerate(samples):
@@ -97,7 +97,7 @@ def denoise(net, schedule, images, run, strength, device, out):
     noise = torch.randn(x0.shape, generator=gen, device=device)
     noised = schedule.q_sample(x0, torch.full((len(x0),), start_t, device=device), noise)
     result = schedule.sample(net, sampler=run["SAMPLER"], steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noised,
-                             start_t=start_t, generator=gen, device=device)
+                             start_t=start_t, generator=gen, device=device, spacing=run["STEP_SPACING"])
     for i, img in enumerate(result):
         utils.save_png(img, os.path.join(out, f"denoised_{i:03d}.png"))
     triples = torch.stack([x0, noised.clamp(-1, 1), result.float()], dim=1).flatten(0, 1).cpu()

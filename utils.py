@@ -59,7 +59,7 @@ SAMPLE_BATCH = 64  # images sampled at once
 SEED = 0  # seed for data order, noise and sampling
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
 PREDICTIONS = ("eps", "v", "x0")
 
 
@@ -113,9 +113,16 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help text already does."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser(description):
     """An argparse parser with one --kebab-name flag per constant."""
-    parser = _OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _OneLineParser(description=description, formatter_class=_DefaultsOnce)
     helps = _help_texts()
     for name, default in constants().items():
         kind = {bool: _parse_bool, tuple: _parse_tuple}.get(type(default), type(default))
@@ -241,18 +248,18 @@ class NoiseSchedule:
 
     @torch.no_grad()
     def sample(self, model, shape=None, sampler=SAMPLER, steps=SAMPLE_STEPS, eta=DDIM_ETA, x=None, start_t=None,
-               generator=None, device="cpu", clip=True, callback=None):
+               generator=None, device="cpu", clip=True, callback=None, spacing=STEP_SPACING):
         """Run the reverse process and return x_0.
 
         model(x_t, t) returns the network output; `x` and `start_t` start part-way (denoise a noised
-        image), otherwise from N(0, I) of `shape` at t = T-1. `callback(i, n, x_t, x0_pred)` sees every step.
+        image), otherwise from N(0, I) of `shape` at t = T-1. `spacing` is STEP_SPACING's power. `callback(i, n, x_t, x0_pred)` sees every step.
         """
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         start_t = self.timesteps - 1 if start_t is None else int(start_t)
         if x is None:
             x = torch.randn(shape, generator=generator, device=device)
-        ts = list(range(start_t, -1, -1)) if sampler == "ddpm" else self.sampling_steps(start_t, steps)
+        ts = list(range(start_t, -1, -1)) if sampler == "ddpm" else self.sampling_steps(start_t, steps, spacing)
         abar = self.alphas_cumprod.to(x.device)
         x0_prev, h_prev = None, None
         for i, t in enumerate(ts):
@@ -277,14 +284,18 @@ class NoiseSchedule:
                 x = ab_p.sqrt() * x0 + (1 - ab_p - sigma ** 2).sqrt() * eps
                 if eta > 0:
                     x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
-            else:  # DPM-Solver++(2M) (Lu et al. 2022), in log-SNR time
+            else:  # DPM-Solver++(2M) (Lu et al. 2022) in log-SNR time: the ODE, or with 'dpm++sde' the SDE
                 a_p, s_p = ab_p.sqrt(), (1 - ab_p).sqrt()
                 h = torch.log(a_p / s_p) - torch.log(a / s)
                 d = x0
                 if x0_prev is not None:
                     r = h_prev / h
                     d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-                x = (s_p / s) * x - a_p * torch.expm1(-h) * d
+                if sampler == "dpm++":
+                    x = (s_p / s) * x - a_p * torch.expm1(-h) * d
+                else:
+                    x = ((s_p / s) * torch.exp(-h) * x - a_p * torch.expm1(-2 * h) * d
+                         + s_p * (-torch.expm1(-2 * h)).sqrt() * torch.randn(x.shape, generator=generator, device=x.device))
                 x0_prev, h_prev = x0, h
             if callback is not None:
                 callback(i, len(ts), x, x0)

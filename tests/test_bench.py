@@ -7,10 +7,13 @@ from conftest import TINY, run_script
 
 def test_bench_writes_json(tiny_data, tmp_path):
     r = run_script("bench.py", "--data-dir", tiny_data, "--output-dir", str(tmp_path), *TINY, "--steps", "2",
-                   "--rounds", "2", "--warmup", "1", "--ddpm-batch", "2", "--sample-batch", "2")
+                   "--rounds", "2", "--warmup", "1", "--ddpm-batch", "2", "--sample-batch", "2", "--profile")
     assert r.returncode == 0, r.stderr
     result = json.load(open(os.path.join(tmp_path, "bench.json")))
     ours = result["ours"]
     assert ours["train_img_per_s"] > 0 and ours["train_gflops_per_img"] > 0
+    assert result["matmul_tflops"] > 0 and 0 < ours["matmul_utilisation"] < 1.5
     assert ours["sample_dpm++25_img_per_s"] > 0 and ours["sample_ddpm1000_img_per_s"] > 0
-    assert "img/s" in r.stdout
+    assert "img/s" in r.stdout and "% of matmul" in r.stdout
+    assert "convolution" in r.stdout  # the profile's operator table
+    assert os.path.getsize(os.path.join(tmp_path, "bench_trace.json")) > 0

@@ -46,7 +46,7 @@ def test_same_seed_same_images(tiny_run, tmp_path):
     assert pics[0] == pics[1]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "dpm++sde"])
 def test_every_sampler_runs(tiny_run, tmp_path, sampler):
     r = predict(tiny_run, "--sampler", sampler, "--num-samples", "2", "--no-metrics", "--output-dir", str(tmp_path),
                 "--checkpoint", os.path.join(tiny_run, "checkpoint.pt"), "--input", write_blobs(str(tmp_path / "in"), 2))
@@ -58,12 +58,28 @@ def test_small_strength_gives_back_the_input(tiny_run):
     import predict as p
     model, schedule, cfg, _, _ = p.load_model(os.path.join(tiny_run, "checkpoint.pt"), True, torch.device("cpu"))
     images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
-    run = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0)
+    run = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0, STEP_SPACING=2.0)
     import tempfile
     with tempfile.TemporaryDirectory() as out:
         result = p.denoise(p.make_net(model, torch.device("cpu")), schedule, images, run, 0.002, torch.device("cpu"),
                            out)
     assert (result - (images.float() / 127.5 - 1)).abs().mean() < 0.05
+
+
+def test_step_spacing_reaches_the_sampler(tmp_path):
+    import predict as p
+    from utils import NoiseSchedule
+    schedule, seen = NoiseSchedule(1000, "cosine", "eps"), []
+
+    def net(x, t):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+    for spacing, expected in ((1.0, [999, 749, 500, 250, 0]), (3.0, [999, 421, 125, 16, 0])):
+        run = dict(SEED=0, NUM_SAMPLES=1, SAMPLE_BATCH=1, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0,
+                   STEP_SPACING=spacing)
+        seen.clear()
+        p.generate(net, schedule, dict(IMAGE_SIZE=8, CHANNELS=1), run, torch.device("cpu"), str(tmp_path))
+        assert seen == expected
 
 
 def test_bad_inputs_get_one_clear_line(tiny_run, tmp_path):

@@ -61,8 +61,9 @@ def test_prediction_conversions_round_trip(prediction):
     torch.testing.assert_close(x0_hat, x0, atol=1e-3, rtol=1e-3)
 
 
-# (sampler, steps, relative tolerance on the std): ddim is first order, so 50 of its steps lose ~3% of the spread
-CASES = [("ddpm", 1000, 0.015), ("ddim", 50, 0.04), ("dpm++", 25, 0.025)]
+# (sampler, steps, relative tolerance on the std): ddim is first order, so 50 of its steps lose ~3% of the spread;
+# the SDE form of dpm++ adds noise at every step, which 25 steps integrate less exactly (+4% on 'linear')
+CASES = [("ddpm", 1000, 0.015), ("ddim", 50, 0.04), ("dpm++", 25, 0.025), ("dpm++sde", 25, 0.05)]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -81,8 +82,8 @@ def test_samplers_recover_gaussian_data(schedule, sampler, steps, tol, predictio
 def test_even_time_spacing_loses_the_spread():
     """Why STEP_SPACING is 2: with steps even in t, dpm++ at 25 steps overshoots the data's spread."""
     s = NoiseSchedule(1000, "linear", "eps")
-    s.sampling_steps = lambda start, n: NoiseSchedule.sampling_steps(s, start, n, power=1.0)
-    x = s.sample(oracle(s, "eps"), (20_000,), "dpm++", 25, generator=torch.Generator().manual_seed(0), clip=False)
+    x = s.sample(oracle(s, "eps"), (20_000,), "dpm++", 25, generator=torch.Generator().manual_seed(0), clip=False,
+                 spacing=1.0)
     assert x.std().item() > SIGMA * 1.1
 
 
