@@ -196,7 +196,7 @@ def main():
         result["ours"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     if "diffusers" in runs:
         result["train_speedup_vs_diffusers"] = result["ours"]["train_img_per_s"] / result["diffusers"]["train_img_per_s"]
-    result["ours"]["sample_dpm++25_img_per_s"] = sampling_speed(runs["ours"], "dpm++", 25, cfg["SAMPLE_BATCH"])
+    result["ours"]["sample_dpm++sde25_img_per_s"] = sampling_speed(runs["ours"], "dpm++sde", 25, cfg["SAMPLE_BATCH"])
     if args.ddpm_batch:
         result["ours"]["sample_ddpm1000_img_per_s"] = sampling_speed(runs["ours"], "ddpm", cfg["TIMESTEPS"],
                                                                      args.ddpm_batch)

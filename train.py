@@ -192,7 +192,7 @@ def sample_grid(ema_model, schedule, cfg, device, autocast, path, num_classes):
     def net(x, t):
         with autocast:
             return ema_model(x, t, y) if y is not None else ema_model(x, t)
-    x = schedule.sample(net, (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++",
+    x = schedule.sample(net, (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
                         cfg["SAMPLE_STEPS"], generator=gen, device=device, spacing=cfg["STEP_SPACING"])
     utils.save_png(x, path, nrow=6)
 

@@ -13,7 +13,7 @@ def test_bench_writes_json(tiny_data, tmp_path):
     ours = result["ours"]
     assert ours["train_img_per_s"] > 0 and ours["train_gflops_per_img"] > 0
     assert result["matmul_tflops"] > 0 and 0 < ours["matmul_utilisation"] < 1.5
-    assert ours["sample_dpm++25_img_per_s"] > 0 and ours["sample_ddpm1000_img_per_s"] > 0
+    assert ours["sample_dpm++sde25_img_per_s"] > 0 and ours["sample_ddpm1000_img_per_s"] > 0
     assert "img/s" in r.stdout and "% of matmul" in r.stdout
     assert "convolution" in r.stdout  # the profile's operator table
     assert os.path.getsize(os.path.join(tmp_path, "bench_trace.json")) > 0
