@@ -113,8 +113,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help text already does."""
+class _DefaultsOnce(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's lines; shows each flag's default, unless its help text already does."""
 
     def _get_help_string(self, action):
         return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
