@@ -294,8 +294,9 @@ class NoiseSchedule:
                 if sampler == "dpm++":
                     x = (s_p / s) * x - a_p * torch.expm1(-h) * d
                 else:
+                    noise = torch.randn(x.shape, generator=generator, device=x.device)
                     x = ((s_p / s) * torch.exp(-h) * x - a_p * torch.expm1(-2 * h) * d
-                         + s_p * (-torch.expm1(-2 * h)).sqrt() * torch.randn(x.shape, generator=generator, device=x.device))
+                         + s_p * (-torch.expm1(-2 * h)).sqrt() * noise)
                 x0_prev, h_prev = x0, h
             if callback is not None:
                 callback(i, len(ts), x, x0)
