@@ -252,7 +252,8 @@ class NoiseSchedule:
         """Run the reverse process and return x_0.
 
         model(x_t, t) returns the network output; `x` and `start_t` start part-way (denoise a noised
-        image), otherwise from N(0, I) of `shape` at t = T-1. `spacing` is STEP_SPACING's power. `callback(i, n, x_t, x0_pred)` sees every step.
+        image), otherwise from N(0, I) of `shape` at t = T-1. `spacing` is STEP_SPACING's power;
+        `callback(i, n, x_t, x0_pred)` sees every step.
         """
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -294,9 +295,9 @@ class NoiseSchedule:
                 if sampler == "dpm++":
                     x = (s_p / s) * x - a_p * torch.expm1(-h) * d
                 else:
+                    fresh = -torch.expm1(-2 * h)  # 1 - exp(-2h): the share of fresh noise at t_prev
                     noise = torch.randn(x.shape, generator=generator, device=x.device)
-                    x = ((s_p / s) * torch.exp(-h) * x - a_p * torch.expm1(-2 * h) * d
-                         + s_p * (-torch.expm1(-2 * h)).sqrt() * noise)
+                    x = (s_p / s) * torch.exp(-h) * x + a_p * fresh * d + s_p * fresh.sqrt() * noise
                 x0_prev, h_prev = x0, h
             if callback is not None:
                 callback(i, len(ts), x, x0)
