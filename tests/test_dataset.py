@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import dataset  # noqa: E402
+import demo  # noqa: E402
 import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -261,7 +262,7 @@ def test_command_line(tmp_path):
 
 # ---------------------------------------------------------------- the demo
 def test_demo_looks_like_brains(tmp_path):
-    dataset.build_demo(str(tmp_path), n_train=24, n_val=4, n_test=4)
+    demo.build_demo(str(tmp_path), n_train=24, n_val=4, n_test=4)
     base = tmp_path / "keras_png_slices_data"
     assert (tmp_path / "DONE").exists() and len(os.listdir(base / "keras_png_slices_train")) == 24
     assert sorted(os.listdir(base / "keras_png_slices_seg_validate"))[0] == "seg_002_slice_0.nii.png"  # cases go on
@@ -282,12 +283,12 @@ def test_default_data_dir_builds_demo_once(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     os.makedirs("data")
     (tmp_path / "data" / "README.md").write_text("put data here")
-    build = functools.partial(dataset.build_demo, n_train=40, n_val=4, n_test=4, size=64)
-    monkeypatch.setattr(dataset, "build_demo", build)
+    build = functools.partial(demo.build_demo, n_train=40, n_val=4, n_test=4, size=64)
+    monkeypatch.setattr(demo, "build_demo", build)
     d = dataset.load_data(config("data"))
     assert (d.layout, len(d.train), len(d.val)) == ("demo", 40, 4)
     assert "building the demo set" in capsys.readouterr().out
-    monkeypatch.setattr(dataset, "build_demo", lambda *a, **k: pytest.fail("rebuilt the demo"))
+    monkeypatch.setattr(demo, "build_demo", lambda *a, **k: pytest.fail("rebuilt the demo"))
     assert len(dataset.load_data(config("data/", OASIS_TRAIN_ON_TEST=True)).train) == 44
     with pytest.raises(UserError):  # another DATA_DIR never gets a demo
         dataset.load_data(config(tmp_path / "other"))
@@ -295,6 +296,6 @@ def test_default_data_dir_builds_demo_once(tmp_path, monkeypatch, capsys):
     d = dataset.load_data(config("data"))
     assert (d.layout, len(d.train) + len(d.val)) == ("folder", 5)
     os.remove("data/demo/DONE")  # half-built: rebuilt
-    monkeypatch.setattr(dataset, "build_demo", build)
+    monkeypatch.setattr(demo, "build_demo", build)
     shutil.rmtree(tmp_path / "data" / "mine")
     assert dataset.load_data(config("data")).layout == "demo" and os.path.exists("data/demo/DONE")
