@@ -89,11 +89,10 @@ class TrainingRun:
         self.model = model.to(device, memory_format=torch.channels_last)
         self.net = torch.compile(self.model) if utils.wants_compile(cfg, device) else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.ema, self.update_ema = train.make_ema(self.model, cfg)
+        self.ema = train.make_ema(self.model, cfg)
         self.schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.gen = torch.Generator(device=device).manual_seed(0)
-        self.steps = 0
 
     def run(self, steps):
         """Images per second over `steps` steps."""
@@ -104,8 +103,7 @@ class TrainingRun:
             x0, t, noise, y = train.make_batch(self.images, None, idx, self.gen, self.cfg, 0, 1, self.device)
             train.train_step(self.net, self.model, self.optimizer, self.schedule, x0, t, noise, y, self.cfg,
                              self.autocast)
-            self.update_ema(self.steps)
-            self.steps += 1
+            self.ema.update_parameters(self.model)
         sync(self.device)
         return steps * self.cfg["BATCH_SIZE"] / (time.perf_counter() - start)
 

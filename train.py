@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 train.py # several GPUs (BATCH_SIZE is per GPU)
 """
 import csv
+import functools
 import math
 import os
 import re
@@ -114,19 +115,16 @@ def learning_rate(cfg, step, total_steps):
 
 
 def make_ema(model, cfg):
-    """EMA of the weights (torch.optim.swa_utils) whose decay warms up as min(decay, (1+n)/(10+n))."""
-    state = {"decay": 0.0}
-
-    def ema_update(ema_params, params, _num_averaged):
-        torch._foreach_lerp_(ema_params, params, 1 - state["decay"])
-
-    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    """EMA of the weights (torch.optim.swa_utils): after n updates, decay min(EMA_DECAY, (1+n)/(10+n)); the first copies."""
+    ema = AveragedModel(model, multi_avg_fn=functools.partial(ema_lerp, max_decay=cfg["EMA_DECAY"]), use_buffers=True)
     ema.n_averaged = ema.n_averaged.cpu()  # keeps AveragedModel's bookkeeping off the GPU (no sync per step)
+    return ema
 
-    def update(step):
-        state["decay"] = min(cfg["EMA_DECAY"], (1 + step) / (10 + step))
-        ema.update_parameters(model)
-    return ema, update
+
+def ema_lerp(ema_params, params, num_averaged, max_decay):
+    """Move the EMA toward the weights with the warm-up decay, on the device (no host sync)."""
+    decay = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=max_decay)
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
 def batch_loss(model, schedule, x0, t, noise, y, cfg, autocast):
@@ -262,7 +260,7 @@ def main():
     # ---- model, EMA, optimizer, schedule
     schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
     model = build_model(cfg, num_classes).to(device, memory_format=torch.channels_last)
-    ema, update_ema = make_ema(model, cfg)
+    ema = make_ema(model, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], fused=True)
     noise_gen = torch.Generator(device=device).manual_seed(cfg["SEED"])
     step, best_val, history = 0, float("inf"), []
@@ -362,7 +360,7 @@ def main():
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, step, total_steps)
                 loss, bad = train_step(net, model, optimizer, schedule, x0, t, noise, y, cfg, autocast)
-                update_ema(step)
+                ema.update_parameters(model)
                 bad_run.mul_(bad).add_(bad)
                 bad_total.add_(bad)
                 loss_sum.add_(torch.where(bad, 0.0, loss.detach()))

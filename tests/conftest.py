@@ -36,6 +36,20 @@ def write_blobs(folder, n, size=32, seed=0):
     return folder
 
 
+def tree_listing():
+    """What lies in the repository's top folder, data/ and outputs/ (caches aside)."""
+    return {os.path.join(d, f) for d in (".", "data", "outputs") if os.path.isdir(os.path.join(ROOT, d))
+            for f in os.listdir(os.path.join(ROOT, d)) if f not in ("__pycache__", ".pytest_cache")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def working_tree_untouched():
+    """Every test writes under its own temporary folder: the checkout looks the same after the suite."""
+    before = tree_listing()
+    yield
+    assert tree_listing() == before, f"the tests wrote into the checkout: {sorted(tree_listing() ^ before)}"
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return write_blobs(str(tmp_path_factory.mktemp("blobs")), 40)

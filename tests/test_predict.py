@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -96,3 +97,91 @@ def test_bad_inputs_get_one_clear_line(tiny_run, tmp_path):
     one_line_error(predict(tiny_run, "--sampler", "euler"), "unknown SAMPLER")
     one_line_error(predict(tiny_run, "--strength", "1.5", "--num-samples", "1", "--no-metrics", "--input",
                            write_blobs(str(tmp_path / "in"), 1)), "--strength")
+
+
+# ---------------------------------------------------------------- the checkpoint decides, the flags are honoured
+def constant_output_checkpoint(tiny_run, path, raw_value, ema_value):
+    """tiny_run's checkpoint made to predict x0 = raw_value (raw weights) or ema_value (EMA weights) everywhere, with
+    a schedule, T and prediction type that all differ from the constants in utils.py."""
+    state = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
+    state["config"].update(PREDICTION="x0", BETA_SCHEDULE="linear", TIMESTEPS=50)
+    for part, value in (("model", raw_value), ("ema", ema_value)):
+        state[part]["out.2.weight"].zero_()
+        state[part]["out.2.bias"].fill_(value)
+    torch.save(state, path)
+    return str(path)
+
+
+def test_load_model_rebuilds_network_and_schedule_from_the_checkpoint(tiny_run, tmp_path):
+    import predict as p
+    import utils
+    path = constant_output_checkpoint(tiny_run, tmp_path / "c.pt", -0.5, 0.5)
+    assert (utils.TIMESTEPS, utils.BETA_SCHEDULE, utils.PREDICTION) != (50, "linear", "x0")
+    for use_ema, value in ((True, 0.5), (False, -0.5)):
+        model, schedule, cfg, _, _ = p.load_model(path, use_ema, torch.device("cpu"))
+        assert (schedule.timesteps, schedule.prediction) == (50, "x0") and cfg["BASE_CHANNELS"] == 8
+        torch.testing.assert_close(schedule.alphas_cumprod, utils.NoiseSchedule(50, "linear", "x0").alphas_cumprod)
+        assert model.out[2].bias.item() == value
+
+
+def test_samples_come_from_the_ema_unless_no_ema(tiny_run, tmp_path):
+    """EMA weights that predict x0 = 0.5 give pixels of 191 ((0.5 + 1) / 2 * 255); the raw ones, -0.5, give 63."""
+    path = constant_output_checkpoint(tiny_run, tmp_path / "c.pt", -0.5, 0.5)
+    for flags, pixel in (((), 191), (("--no-ema",), 63)):
+        out = tmp_path / f"out{len(flags)}"
+        r = predict(str(out), "--checkpoint", path, "--num-samples", "2", "--no-metrics", *flags,
+                    "--input", write_blobs(str(tmp_path / "in"), 1))
+        assert r.returncode == 0, r.stderr
+        img = np.array(Image.open(out / "predict" / "sample_001.png"))
+        assert img.min() == img.max() == pixel, (flags, img.min(), img.max())
+
+
+def test_sampler_and_seed_flags_change_the_images(tiny_run, tmp_path):
+    images = {}
+    for name, flags in (("default", ()), ("seed", ("--seed", "1")), ("sampler", ("--sampler", "ddim"))):
+        r = predict(tiny_run, "--num-samples", "2", "--no-metrics", "--output-dir", str(tmp_path / name),
+                    "--checkpoint", os.path.join(tiny_run, "checkpoint.pt"),
+                    "--input", write_blobs(str(tmp_path / "in"), 1), *flags)
+        assert r.returncode == 0, r.stderr
+        images[name] = np.array(Image.open(tmp_path / name / "predict" / "sample_000.png")).astype(float)
+    for name in ("seed", "sampler"):
+        assert np.abs(images[name] - images["default"]).mean() > 2, name
+
+
+def test_denoise_takes_noised_images_along_the_exact_ode(tmp_path):
+    """With the exact denoiser of Gaussian data and the deterministic dpm++, denoise() noises to step strength*T
+    and returns the ODE's exact image of that noised input: much closer to the clean image than the input was."""
+    import predict as p
+    from test_schedule import MU2, SIGMA2, exact_ode_map, gaussian_oracle
+    from utils import NoiseSchedule
+    schedule, strength, seed = NoiseSchedule(1000, "cosine", "v"), 0.3, 4
+    gen = torch.Generator().manual_seed(0)
+    images = ((MU2 + SIGMA2 * torch.randn(8, 1, 32, 32, generator=gen)).clamp(-1, 1) * 127.5 + 127.5).round().byte()
+    run = dict(SEED=seed, SAMPLER="dpm++", SAMPLE_STEPS=25, DDIM_ETA=0.0, STEP_SPACING=2.0)
+    result = p.denoise(gaussian_oracle(schedule, "v", MU2, SIGMA2), schedule, images, run, strength,
+                       torch.device("cpu"), str(tmp_path))
+    clean, start_t = images.float() / 127.5 - 1, round(strength * 1000) - 1
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    noised = schedule.q_sample(clean, torch.full((8,), start_t), noise)
+    assert (result - exact_ode_map(schedule, noised, start_t, MU2, SIGMA2)).abs().mean() < 0.01
+    assert (result - clean).abs().mean() < 0.7 * (noised - clean).abs().mean()
+    assert os.path.exists(tmp_path / "denoise.png") and os.path.exists(tmp_path / "denoised_007.png")
+
+
+def distinct_images(n, seed):
+    """n smooth random uint8 32 px images, all far apart."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(n, 1, 8, 8, generator=gen), size=32, mode="bicubic")
+    return (x.clamp(0, 1) * 255).round().byte()
+
+
+def test_metrics_flag_training_images_and_score_heldout_images_perfectly():
+    import dataset
+    import predict as p
+    data = dataset.Data("folder", "x", distinct_images(64, 0), distinct_images(32, 1))
+    as_samples = lambda images: images.float() / 127.5 - 1  # noqa: E731
+    copies = p.metrics(as_samples(data.train[:16]), data, torch.device("cpu"))
+    assert copies["possible_copies"] == 16 and copies["rmse_sample_to_nearest_train"] < 1e-3
+    heldout = p.metrics(as_samples(data.val[:16]), data, torch.device("cpu"))
+    assert heldout["ssim_to_nearest_heldout"] == pytest.approx(1, abs=1e-4)
+    assert heldout["possible_copies"] <= 3 and heldout["rmse_sample_to_nearest_train"] > 0.05

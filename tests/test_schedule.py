@@ -106,3 +106,51 @@ def test_start_part_way_and_callback():
                    callback=lambda i, n, x, x0_pred: seen.append((i, n)))
     assert (out - x0).abs().mean() < 0.05
     assert seen[-1] == (len(seen) - 1, len(seen)) and len(seen) == 5
+
+
+# ---------------------------------------------------------------- the path predict.py takes: clip=True, start_t
+MU2, SIGMA2 = 0.2, 0.25  # data well inside [-1, 1], so clipping the x0 prediction only rounds off what is outside
+
+
+def gaussian_oracle(schedule, prediction, mu, sigma):
+    def model(x, t):
+        abar = schedule.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        eps = s * (x - a * mu) / (a ** 2 * sigma ** 2 + s ** 2)
+        x0 = (x - s * eps) / a
+        return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
+    return model
+
+
+def exact_ode_map(schedule, x_t, t, mu, sigma):
+    """Where the probability-flow ODE takes x_t for Gaussian data: the same quantile of N(mu, sigma^2)."""
+    abar = schedule.alphas_cumprod[t].item()
+    return mu + sigma * (x_t - abar ** 0.5 * mu) / (abar * sigma ** 2 + 1 - abar) ** 0.5
+
+
+@pytest.mark.parametrize("sampler,steps,tol", CASES)
+def test_samplers_with_clipping_recover_gaussian_data(sampler, steps, tol):
+    s = NoiseSchedule(1000, "cosine", "v")
+    x = s.sample(gaussian_oracle(s, "v", MU2, SIGMA2), (20_000,), sampler, steps,
+                 generator=torch.Generator().manual_seed(0), clip=True)
+    assert x.mean().item() == pytest.approx(MU2, abs=0.01)
+    assert x.std().item() == pytest.approx(SIGMA2, rel=tol)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "dpm++sde"])
+def test_starting_part_way_denoises(sampler):
+    """From x_t at t = 300 every sampler returns data-distributed values; the ODE samplers the exact ODE image of x_t.
+    x_t itself is far from both (its spread is twice the data's)."""
+    s, start = NoiseSchedule(1000, "cosine", "eps"), 300
+    gen = torch.Generator().manual_seed(3)
+    x0 = MU2 + SIGMA2 * torch.randn(20_000, generator=gen)
+    x_t = s.q_sample(x0, torch.full((20_000,), start), torch.randn(20_000, generator=gen))
+    out = s.sample(gaussian_oracle(s, "eps", MU2, SIGMA2), sampler=sampler, steps=25, x=x_t.clone(), start_t=start,
+                   generator=gen, clip=True)
+    assert out.mean().item() == pytest.approx(MU2, abs=0.01) and out.std().item() == pytest.approx(SIGMA2, rel=0.05)
+    assert x_t.std().item() > 1.5 * SIGMA2
+    if sampler in ("ddim", "dpm++"):
+        exact = exact_ode_map(s, x_t, start, MU2, SIGMA2)
+        assert (out - exact).abs().mean() < 0.01 < 0.1 < (x_t - exact).abs().mean()
+    else:  # a fresh posterior draw: correlated with x0 as rho^2 = 0.19 (a start from scratch would give 0)
+        assert torch.corrcoef(torch.stack([out, x0]))[0, 1] > 0.12

@@ -23,6 +23,8 @@ def test_training_writes_everything(tiny_run):
     assert sum(r["val_loss"] != "" for r in rows) == 2  # one validation per epoch
     state = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
     assert state["step"] == 8 and state["config"]["IMAGE_SIZE"] == 32 and "optimizer" in state
+    ema, raw = state["ema"]["out.2.weight"], state["model"]["out.2.weight"]  # the last layer starts at zero
+    assert ema.abs().sum() > 0 and (ema - raw).norm() < raw.norm()  # the EMA followed the weights
 
 
 def test_resume_equals_straight_run(tiny_data, tmp_path):
@@ -37,8 +39,9 @@ def test_resume_equals_straight_run(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_contradicting_config_is_refused(tiny_run):
-    r = run_script("train.py", "--output-dir", tiny_run, *TINY, "--base-channels", "16", "--epochs", "3")
+def test_contradicting_config_is_refused(tiny_run, tiny_data):
+    r = run_script("train.py", "--output-dir", tiny_run, "--data-dir", tiny_data, *TINY, "--base-channels", "16",
+                   "--epochs", "3")
     assert r.returncode == 2 and "BASE_CHANNELS=8" in r.stderr and "--fresh" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -80,3 +83,123 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     a, b = weights(str(tmp_path / "one")), weights(str(tmp_path / "two"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the pieces of a training step
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+import train  # noqa: E402
+import utils  # noqa: E402
+from modules import UNet  # noqa: E402
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet(16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_heads=2)
+
+
+def test_ema_follows_the_documented_warmup():
+    """After n updates the EMA moves by 1 - min(EMA_DECAY, (1+n)/(10+n)); the first update copies the weights."""
+    model, max_decay = tiny_unet(), 0.6  # the warm-up reaches the cap at n = 13
+    ema = train.make_ema(model, {"EMA_DECAY": max_decay})
+    expected = None
+    for n in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update_parameters(model)
+        weights = [p.detach().clone() for p in model.parameters()]
+        decay = min(max_decay, (1 + n) / (10 + n))
+        expected = weights if expected is None else [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+        for e, a in zip(expected, ema.module.parameters()):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_learning_rate_warmup_then_cosine_to_a_tenth():
+    cfg = {"LR": 1e-3, "WARMUP_STEPS": 10, "LR_DECAY": "cosine"}
+    lr = lambda step: train.learning_rate(cfg, step, 110)  # noqa: E731  100 steps of decay after warm-up
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(35) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.25))))
+    assert lr(60) == pytest.approx(0.55e-3) and lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
+    assert train.learning_rate(dict(cfg, LR_DECAY="constant"), 60, 110) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weights(prediction):
+    """The weight equals the formula, and weight x MSE(target) = min(SNR, gamma) x MSE(x0) for every target."""
+    schedule, gamma = utils.NoiseSchedule(1000, "cosine", prediction), 5.0
+    t = torch.tensor([0, 100, 400, 700, 999])
+    abar = schedule.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    formula = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1),
+               "x0": snr.clamp(max=gamma)}[prediction]
+    torch.testing.assert_close(schedule.loss_weight(t, gamma), formula)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(5, 1, 8, 8, generator=gen) * 2 - 1, torch.randn(5, 1, 8, 8, generator=gen)
+    x_t = schedule.q_sample(x0, t, noise)
+    a, s = schedule._ab(t, x0)
+    wrong_x0 = x0 + 0.1 * torch.randn(x0.shape, generator=gen)  # a prediction off by this much in x0 ...
+    wrong_eps = (x_t - a * wrong_x0) / s
+    out = {"eps": wrong_eps, "x0": wrong_x0, "v": a * wrong_eps - s * wrong_x0}[prediction]
+    weighted = (out - schedule.target(x0, noise, t)).pow(2).mean((1, 2, 3)) * schedule.loss_weight(t, gamma)
+    torch.testing.assert_close(weighted, snr.clamp(max=gamma) * (wrong_x0 - x0).pow(2).mean((1, 2, 3)),
+                               rtol=1e-3, atol=1e-6)  # ... costs the same whatever the network predicts
+
+
+def batch_config(**overrides):
+    return {**utils.constants(), "TIMESTEPS": 100, "COND_DROP": 0.0, "HFLIP": False, **overrides}
+
+
+def test_hflip_flips_about_half_when_on_and_none_when_off():
+    images = torch.zeros(256, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, :, :3] = 255  # bright on the left: a flipped image is bright on the right
+    idx, gen = torch.arange(256), torch.Generator().manual_seed(0)
+    for hflip, low, high in ((False, 0, 0), (True, 0.4, 0.6)):
+        x0 = train.make_batch(images, None, idx, gen, batch_config(HFLIP=hflip), 0, 1, torch.device("cpu"))[0]
+        flipped = (x0[:, 0, 0, -1] > 0).float().mean().item()
+        assert low <= flipped <= high, (hflip, flipped)
+        assert torch.equal(x0[:, 0, 0, 0] > 0, x0[:, 0, 0, -1] < 0)  # each image is either as stored or flipped
+
+
+def test_a_nonfinite_loss_skips_the_update():
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    schedule, cfg = utils.NoiseSchedule(100, "cosine", "v"), batch_config(GRAD_CLIP=1.0, MIN_SNR_GAMMA=5.0)
+    autocast = torch.autocast("cpu", enabled=False)
+    x0, t, noise = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([5, 30, 60, 90]), torch.randn(4, 1, 16, 16)
+    train.train_step(model, model, optimizer, schedule, x0, t, noise, None, cfg, autocast)  # a good step first
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    poisoned = x0.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    loss, bad = train.train_step(model, model, optimizer, schedule, poisoned, t, noise, None, cfg, autocast)
+    assert bool(bad) and not torch.isfinite(loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for m, p in zip(moments, model.parameters()):
+        assert torch.equal(m, optimizer.state[p]["exp_avg"])
+    _, bad = train.train_step(model, model, optimizer, schedule, x0, t, noise, None, cfg, autocast)
+    assert not bool(bad) and any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_mid_epoch_under_cosine_decay_equals_a_straight_run(tiny_data, tmp_path):
+    """A run killed after its step-6 checkpoint (mid epoch 2 of 2) and restarted ends in the straight run's
+    weights and EMA: same batches, same learning rates, same EMA warm-up."""
+    common = ["--data-dir", tiny_data, *TINY, "--epochs", "2", "--checkpoint-every", "3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train.py", "--output-dir", straight, *common).returncode == 0
+    state = torch.load(straight / "checkpoint.prev.pt", weights_only=True)
+    assert state["step"] == 6 and state["step"] % 4  # 4 steps an epoch: the middle of the second one
+    resumed.mkdir()
+    torch.save(state, resumed / "checkpoint.pt")  # what a kill -9 right after that checkpoint leaves
+    r = run_script("train.py", "--output-dir", resumed, *common)
+    assert r.returncode == 0 and "resuming" in r.stdout and "at step 6" in r.stdout, r.stdout + r.stderr
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, resumed))
+    assert a["step"] == b["step"] == 8
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part}.{k}")

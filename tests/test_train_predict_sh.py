@@ -18,6 +18,7 @@ def test_train_predict_sh_runs_end_to_end(tiny_data, tmp_path):
 
 
 def test_a_failing_stage_is_named(tmp_path):
-    r = subprocess.run(["bash", os.path.join(ROOT, "train_predict.sh"), "--data-dir", str(tmp_path / "missing")],
+    r = subprocess.run(["bash", os.path.join(ROOT, "train_predict.sh"), "--data-dir", str(tmp_path / "missing"),
+                        "--output-dir", str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 2 and "training (train.py) failed with exit code 2" in r.stderr
