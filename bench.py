@@ -142,7 +142,8 @@ def profile_steps(run, steps, path):
     print(f"trace: {path} (open in chrome://tracing or ui.perfetto.dev)")
 
 
-def main():
+def parse_settings():
+    """The configuration (constants and flags, checked) and the benchmark's own flags."""
     parser = utils.build_parser(__doc__)
     parser.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DModel, alternating")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per round")
@@ -152,40 +153,44 @@ def main():
     parser.add_argument("--ddpm-batch", type=int, default=64, help="batch for the 1000-step ddpm timing (0 skips)")
     parser.add_argument("--profile", action="store_true", help="also profile a few training steps of ours")
     args = parser.parse_args()
-    cfg = utils.check_config(utils.config_from_args(args))
-    device = utils.get_device()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    data = dataset.load_data(cfg)
-    images = utils.to_device_if_fits(data.train, device)
+    return utils.check_config(utils.config_from_args(args)), args
 
+
+def build_runs(cfg, images, device, vs_diffusers):
+    """{name: TrainingRun}: ours, and diffusers' U-Net of matched size when asked for."""
     runs = {"ours": TrainingRun(build_model(cfg), cfg, images, device)}
-    if args.vs_diffusers:
+    if vs_diffusers:
         try:
             runs["diffusers"] = TrainingRun(DiffusersUNet(cfg), cfg, images, device)
         except ImportError:
             raise utils.UserError("--vs-diffusers needs diffusers: pip install diffusers") from None
-    rates = {name: [] for name in runs}
+    return runs
+
+
+def time_training(runs, args, device):
+    """{name: images/s of each round}, after a warm-up; the models alternate so drifts in clock or load hit all."""
     for name, run in runs.items():
         print(f"warming up {name} ({args.warmup} steps, compiling if on)...", flush=True)
         run.run(args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.rounds):  # alternate, so drifts in clock or load hit both alike
+    rates = {name: [] for name in runs}
+    for _ in range(args.rounds):
         for name, run in runs.items():
             rates[name].append(run.run(args.steps))
             print(f"  {name}: {rates[name][-1]:.1f} img/s", flush=True)
+    return rates
 
-    peak = peak_tflops(device, args.peak_tflops)
-    matmul = matmul_tflops(device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "image_size": cfg["IMAGE_SIZE"], "batch_size": cfg["BATCH_SIZE"], "torch": torch.__version__,
-              "compile": runs["ours"].net is not runs["ours"].model, "peak_tflops": peak,
-              "matmul_tflops": matmul}
+
+def summarise(runs, rates, cfg, device, args):
+    """bench.json's content: speeds, FLOPs, utilisation, memory, speed-up and sampling rates."""
+    peak, matmul = peak_tflops(device, args.peak_tflops), matmul_tflops(device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", "image_size": cfg["IMAGE_SIZE"],
+              "batch_size": cfg["BATCH_SIZE"], "torch": torch.__version__,
+              "compile": runs["ours"].net is not runs["ours"].model, "peak_tflops": peak, "matmul_tflops": matmul}
     for name, run in runs.items():
-        rate = statistics.median(rates[name])
-        flops = flops_per_image(run.model, cfg, device)
+        rate, flops = statistics.median(rates[name]), flops_per_image(run.model, cfg, device)
         result[name] = {"params_m": sum(p.numel() for p in run.model.parameters()) / 1e6,
                         "train_img_per_s": rate, "train_gflops_per_img": flops / 1e9,
                         "mfu": flops * rate / (peak * 1e12) if peak else None,
@@ -198,18 +203,35 @@ def main():
     if args.ddpm_batch:
         result["ours"]["sample_ddpm1000_img_per_s"] = sampling_speed(runs["ours"], "ddpm", cfg["TIMESTEPS"],
                                                                      args.ddpm_batch)
+    return result
 
+
+def print_report(result, cfg):
+    """The figures as a few lines of text."""
     print(f"{result['device']}, {cfg['IMAGE_SIZE']} px, batch {cfg['BATCH_SIZE']}, torch {torch.__version__}, "
-          f"compile {result['compile']}, dense matmul {matmul:.2f} TFLOP/s")
-    for name in runs:
-        r = result[name]
-        print(f"  {name:10s} {r['params_m']:6.1f}M params  train {r['train_img_per_s']:9.1f} img/s  "
-              f"{r['train_gflops_per_img']:7.1f} GFLOP/img  {100 * r['matmul_utilisation']:.0f}% of matmul"
-              + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
-    if "diffusers" in runs:
+          f"compile {result['compile']}, dense matmul {result['matmul_tflops']:.2f} TFLOP/s")
+    for name in ("ours", "diffusers"):
+        if r := result.get(name):
+            print(f"  {name:10s} {r['params_m']:6.1f}M params  train {r['train_img_per_s']:9.1f} img/s  "
+                  f"{r['train_gflops_per_img']:7.1f} GFLOP/img  {100 * r['matmul_utilisation']:.0f}% of matmul"
+                  + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
+    if "train_speedup_vs_diffusers" in result:
         print(f"  speed-up vs diffusers: {result['train_speedup_vs_diffusers']:.2f}x")
     print("  sampling: " + ", ".join(f"{k.split('_')[1]} {v:.1f} img/s" for k, v in result["ours"].items()
                                      if k.startswith("sample_")))
+
+
+def main():
+    cfg, args = parse_settings()
+    device = utils.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    images = utils.to_device_if_fits(dataset.load_data(cfg).train, device)
+    runs = build_runs(cfg, images, device, args.vs_diffusers)
+    rates = time_training(runs, args, device)
+    result = summarise(runs, rates, cfg, device, args)
+    print_report(result, cfg)
     os.makedirs(cfg["OUTPUT_DIR"], exist_ok=True)
     if args.profile:
         profile_steps(runs["ours"], args.steps, os.path.join(cfg["OUTPUT_DIR"], "bench_trace.json"))

@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -216,209 +217,312 @@ def plot_losses(history, path):
     plt.close(fig)
 
 
-def main():
+# ---------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """The fixed parts of a training run, built once."""
+    cfg: dict
+    rank: int
+    world: int
+    device: torch.device
+    data: dataset.Data
+    images: torch.Tensor  # the training split, on the GPU when it fits
+    labels: torch.Tensor | None  # its class labels, when the model is class-conditional
+    num_classes: int
+    batch: int  # per process
+    steps_per_epoch: int
+    total_steps: int
+    schedule: utils.NoiseSchedule
+    model: torch.nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    net: torch.nn.Module  # the model as trained: compiled and/or wrapped in DDP
+    noise_gen: torch.Generator
+    autocast: torch.autocast
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def path(self, name):
+        return os.path.join(self.cfg["OUTPUT_DIR"], name)
+
+
+@dataclass
+class Progress:
+    """What changes as a run goes: the step, the best validation loss and the history travel in the checkpoint;
+    the device-side accumulators are read every LOG_EVERY steps (the only host syncs)."""
+    device: torch.device
+    step: int = 0
+    best_val: float = math.inf
+    history: list = field(default_factory=list)  # the rows of log.csv
+    best_ema: dict | None = None  # EMA weights of the lowest validation loss, not yet written to best.pt
+    elapsed_before: float = 0.0  # seconds of training before this process started
+    started: float = field(default_factory=time.time)
+    window_start: float = field(default_factory=time.perf_counter)  # the current log window
+    window_steps: int = 0
+    loss_sum: torch.Tensor = field(init=False)
+    bad_run: torch.Tensor = field(init=False)  # non-finite losses in a row
+    bad_total: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.loss_sum, self.bad_run, self.bad_total = (torch.zeros((), device=self.device) for _ in range(3))
+
+    def record(self, loss, bad):
+        """Count one optimizer step: its loss (unless skipped) and whether it was skipped."""
+        self.bad_run.mul_(bad).add_(bad)
+        self.bad_total.add_(bad)
+        self.loss_sum.add_(torch.where(bad, 0.0, loss))
+        self.step += 1
+        self.window_steps += 1
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: the first asks the run to stop after the current step (it then saves and exits with
+    code 130); a second interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, _signum, _frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def parse_settings():
+    """The configuration from the constants and the command line, checked; and whether to start over."""
     parser = utils.build_parser(__doc__)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     args = parser.parse_args()
-    cfg = utils.check_config(utils.config_from_args(args))
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    out = cfg["OUTPUT_DIR"]
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    if master:
-        check_writable(out)
-        remove_stale_temps(out)
+    return utils.check_config(utils.config_from_args(args)), args.fresh
+
+
+def prepare_process(cfg, rank, device):
+    """Seed this process, check the output folder (rank 0), and pick the fast paths of a GPU."""
+    if rank == 0:
+        check_writable(cfg["OUTPUT_DIR"])
+        remove_stale_temps(cfg["OUTPUT_DIR"])
     torch.manual_seed(cfg["SEED"] + rank)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
-    # ---- data: one uint8 tensor per split, kept on the GPU when it fits
-    if not master:  # rank 0 builds the demo set or the cache first, the others then read it
+
+def load_training_data(cfg, rank, world):
+    """The dataset; rank 0 builds the demo set or the cache first, the other ranks then read it."""
+    if rank > 0:
         dist.barrier()
     data = dataset.load_data(cfg)
-    if world > 1 and master:
+    if world > 1 and rank == 0:
         dist.barrier()
-    if master:
+    if rank == 0:
         print(data.summary())
+    return data
+
+
+def build_run(cfg, data, rank, world, device):
+    """Model, EMA, optimizer, schedule and batch plan for this data on this device."""
     num_classes = len(data.classes) if cfg["CONDITIONAL"] else 0
     if cfg["CONDITIONAL"] and not num_classes:
         raise UserError("CONDITIONAL needs a dataset with classes (ADNI's AD/NC): use --conditional false")
-    train_images = utils.to_device_if_fits(data.train, device)
-    train_labels = data.train_labels.to(device) if num_classes else None
+    images = utils.to_device_if_fits(data.train, device)
     batch = cfg["BATCH_SIZE"]
-    if len(train_images) < batch * world:
-        batch = max(1, len(train_images) // world)
-        if master:
-            print(f"notice: only {len(train_images)} training images: using batches of {batch} instead of {cfg['BATCH_SIZE']}")
-    global_batch = batch * world
-    steps_per_epoch = len(train_images) // global_batch
-    total_steps = steps_per_epoch * cfg["EPOCHS"]
-
-    # ---- model, EMA, optimizer, schedule
-    schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
+    if len(images) < batch * world:
+        batch = max(1, len(images) // world)
+        if rank == 0:
+            print(f"notice: only {len(images)} training images: using batches of {batch} instead of {cfg['BATCH_SIZE']}")
+    steps_per_epoch = len(images) // (batch * world)
     model = build_model(cfg, num_classes).to(device, memory_format=torch.channels_last)
-    ema = make_ema(model, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], fused=True)
-    noise_gen = torch.Generator(device=device).manual_seed(cfg["SEED"])
-    step, best_val, history = 0, float("inf"), []
-
-    state, resumed_from = (None, None) if args.fresh else load_resume_state(ckpt_path)
-    if state is not None:
-        as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-        changed = [f"{k}={state['config'].get(k)} (now {cfg[k]})" for k in MODEL_KEYS
-                   if as_tuple(state["config"].get(k)) != as_tuple(cfg[k])]
-        if changed:
-            raise UserError(f"{resumed_from} was trained with {', '.join(changed)}: restore those settings, "
-                            f"or start over with --fresh (or another --output-dir)")
-        if state.get("fingerprint") != data.fingerprint and master:
-            print(f"notice: the data changed since {resumed_from} was written; resuming on the new data")
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        noise_gen.set_state(state["noise_rng"])
-        torch.set_rng_state(state["cpu_rng"])
-        step, best_val, history = state["step"], state["best_val"], state["history"]
-        ema.n_averaged.fill_(step)
-        if master:
-            print(f"resuming from {resumed_from} at step {step:,} (use --fresh to start over)")
-    if master:
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg['IMAGE_SIZE']} px, "
-              f"batch {batch} x {world} process(es), {steps_per_epoch:,} steps/epoch, {total_steps:,} steps, {device}")
-
     compiled = torch.compile(model) if utils.wants_compile(cfg, device) else model
-    net = DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled
+    cuda = device.type == "cuda"
+    return Run(
+        cfg=cfg, rank=rank, world=world, device=device, data=data, images=images,
+        labels=data.train_labels.to(device) if num_classes else None, num_classes=num_classes, batch=batch,
+        steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg["EPOCHS"],
+        schedule=utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"]), model=model,
+        ema=make_ema(model, cfg),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], fused=True),
+        net=DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled,
+        noise_gen=torch.Generator(device=device).manual_seed(cfg["SEED"]),
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
 
-    best_ema = None  # EMA weights of the lowest validation loss not yet written to best.pt
 
-    def save_all():
-        """checkpoint.pt (everything needed to resume), and best.pt when a new best is waiting."""
-        nonlocal best_ema
-        state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "config": cfg, "step": step,
-                 "epoch": step // max(1, steps_per_epoch), "best_val": best_val, "history": history,
-                 "fingerprint": data.fingerprint, "classes": data.classes if num_classes else [],
-                 "noise_rng": noise_gen.get_state(), "cpu_rng": torch.get_rng_state(),
-                 "optimizer": optimizer.state_dict()}
-        utils.save_checkpoint(state, ckpt_path)
-        if best_ema is not None:
-            best = {k: v for k, v in state.items() if k not in ("optimizer", "model", "ema")}
-            utils.save_checkpoint(dict(best, model=best_ema, ema=best_ema), os.path.join(out, "best.pt"))
-            best_ema = None
+def resume(run, fresh):
+    """The progress of the checkpoint in OUTPUT_DIR, with model, EMA, optimizer and RNGs restored; or a new start."""
+    state, resumed_from = (None, None) if fresh else load_resume_state(run.path("checkpoint.pt"))
+    if state is None:
+        return Progress(run.device)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    changed = [f"{k}={state['config'].get(k)} (now {run.cfg[k]})" for k in MODEL_KEYS
+               if as_tuple(state["config"].get(k)) != as_tuple(run.cfg[k])]
+    if changed:
+        raise UserError(f"{resumed_from} was trained with {', '.join(changed)}: restore those settings, "
+                        f"or start over with --fresh (or another --output-dir)")
+    if state.get("fingerprint") != run.data.fingerprint and run.master:
+        print(f"notice: the data changed since {resumed_from} was written; resuming on the new data")
+    run.model.load_state_dict(state["model"])
+    run.ema.module.load_state_dict(state["ema"])
+    run.ema.n_averaged.fill_(state["step"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.noise_gen.set_state(state["noise_rng"])
+    torch.set_rng_state(state["cpu_rng"])
+    if run.master:
+        print(f"resuming from {resumed_from} at step {state['step']:,} (use --fresh to start over)")
+    history = state["history"]
+    return Progress(run.device, state["step"], state["best_val"], history,
+                    elapsed_before=history[-1]["elapsed_s"] if history else 0.0)
 
-    # ---- Ctrl-C / SIGTERM: finish the step, save, exit
-    stop = {"requested": False}
 
-    def request_stop(signum, _frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+def describe(run):
+    """One line: the model's size and the batch plan."""
+    print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {run.cfg['IMAGE_SIZE']} px, "
+          f"batch {run.batch} x {run.world} process(es), {run.steps_per_epoch:,} steps/epoch, {run.total_steps:,} "
+          f"steps, {run.device}")
 
-    log_path = os.path.join(out, "log.csv")
-    if master:  # the checkpoint's history: rows a killed run logged after its last checkpoint are dropped
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows([["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"]]
-                                    + [csv_row(row) for row in history])
-    bad_run = torch.zeros((), device=device)  # non-finite losses in a row
-    bad_total = torch.zeros((), device=device)
-    loss_sum = torch.zeros((), device=device)
-    start, window_start, window_steps = time.time(), time.perf_counter(), 0
-    elapsed0 = history[-1]["elapsed_s"] if history else 0.0
 
-    def log_row(val_loss=""):
-        nonlocal window_start, window_steps
-        if window_steps:
-            loss = (loss_sum / window_steps).item()  # the only host sync, every LOG_EVERY steps
-            rate = window_steps * global_batch / (time.perf_counter() - window_start)
-        else:  # an epoch that ended right on a log step
-            loss, rate = (history[-1]["loss"], history[-1]["img_per_s"]) if history else (float("nan"), 0.0)
-        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "val_loss": val_loss,
-               "lr": learning_rate(cfg, step, total_steps), "img_per_s": rate,
-               "elapsed_s": elapsed0 + time.time() - start}
-        loss_sum.zero_()
-        window_start, window_steps = time.perf_counter(), 0
-        if master:
-            history.append(row)
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow(csv_row(row))
-        return row
+def start_log(run, progress):
+    """log.csv from the checkpoint's history: rows a killed run logged after its last checkpoint are dropped."""
+    with open(run.path("log.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"]]
+                                + [csv_row(row) for row in progress.history])
 
-    try:
-        while step < total_steps and not stop["requested"]:
-            epoch, first = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
-            order = order.to(train_images.device)
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['EPOCHS']}", disable=not master,
-                       leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
-            for i in bar:
-                idx = order[i * global_batch:(i + 1) * global_batch]
-                x0, t, noise, y = make_batch(train_images, train_labels, idx, noise_gen, cfg, rank, world, device,
-                                               num_classes)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, total_steps)
-                loss, bad = train_step(net, model, optimizer, schedule, x0, t, noise, y, cfg, autocast)
-                ema.update_parameters(model)
-                bad_run.mul_(bad).add_(bad)
-                bad_total.add_(bad)
-                loss_sum.add_(torch.where(bad, 0.0, loss.detach()))
-                step += 1
-                window_steps += 1
 
-                if step % cfg["LOG_EVERY"] == 0:
-                    if bad_run.item() >= cfg["MAX_NONFINITE"]:
-                        raise UserError(f"the loss was not finite for {int(bad_run.item())} steps in a row at step "
-                                        f"{step}: lower --lr or --batch-size; the last good checkpoint is kept")
-                    row = log_row()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", img_s=f"{row['img_per_s']:.0f}")
-                if master and step % cfg["CHECKPOINT_EVERY"] == 0:
-                    save_all()
-                if stop["requested"]:
-                    break
-            bar.close()
-            if stop["requested"]:
-                break
+def log_row(run, progress, val_loss=""):
+    """Close the current log window: a history row (appended to log.csv on rank 0), returned."""
+    if progress.window_steps:
+        loss = (progress.loss_sum / progress.window_steps).item()
+        rate = progress.window_steps * run.batch * run.world / (time.perf_counter() - progress.window_start)
+    else:  # an epoch that ended right on a log step
+        last = progress.history[-1] if progress.history else {"loss": float("nan"), "img_per_s": 0.0}
+        loss, rate = last["loss"], last["img_per_s"]
+    row = {"step": progress.step, "epoch": progress.step / run.steps_per_epoch, "loss": loss, "val_loss": val_loss,
+           "lr": learning_rate(run.cfg, progress.step, run.total_steps), "img_per_s": rate,
+           "elapsed_s": progress.elapsed_before + time.time() - progress.started}
+    progress.loss_sum.zero_()
+    progress.window_start, progress.window_steps = time.perf_counter(), 0
+    if run.master:
+        progress.history.append(row)
+        with open(run.path("log.csv"), "a", newline="") as f:
+            csv.writer(f).writerow(csv_row(row))
+    return row
 
-            # ---- end of epoch: validation, best checkpoint, samples, plot
-            epoch += 1
-            if master:
-                paused = time.perf_counter()
-                val = validation_loss(ema.module, schedule, data.val, cfg, device, autocast)
-                window_start += time.perf_counter() - paused  # keep img/s a training figure
-                row = log_row(val)
-                if val < best_val:  # kept in memory, written with the next checkpoint
-                    best_val, best_ema = val, {k: v.detach().to("cpu", copy=True) for k, v in
-                                               ema.module.state_dict().items()}
-                skipped = int(bad_total.item())
-                print(f"epoch {epoch}/{cfg['EPOCHS']}  step {step:,}  loss {row['loss']:.4f}  val {val:.4f}  "
-                      f"lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  {row['elapsed_s'] / 60:.1f} min"
-                      + (f"  ({skipped} non-finite steps skipped)" if skipped else ""))
-                if epoch % cfg["SAMPLE_EVERY"] == 0 or step >= total_steps:
-                    sample_grid(ema.module, schedule, cfg, device, autocast,
-                                os.path.join(out, "samples", f"epoch_{epoch:04d}.png"), num_classes)
-                    plot_losses(history, os.path.join(out, "loss.png"))
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA ran out of memory at batch {batch}, {cfg['IMAGE_SIZE']} px: try a smaller "
-                        f"--batch-size or --image-size") from None
-    if stop["requested"]:
-        if master:
-            save_all()
-            print(f"\nstopped at step {step:,}: checkpoint saved to {ckpt_path}; run train.py again to resume")
+
+def save(run, progress):
+    """checkpoint.pt (everything needed to resume), and best.pt when a new best EMA is waiting."""
+    state = {"model": run.model.state_dict(), "ema": run.ema.module.state_dict(), "config": run.cfg,
+             "step": progress.step, "epoch": progress.step // max(1, run.steps_per_epoch),
+             "best_val": progress.best_val, "history": progress.history, "fingerprint": run.data.fingerprint,
+             "classes": run.data.classes if run.num_classes else [], "noise_rng": run.noise_gen.get_state(),
+             "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict()}
+    utils.save_checkpoint(state, run.path("checkpoint.pt"))
+    if progress.best_ema is not None:
+        best = {k: v for k, v in state.items() if k not in ("optimizer", "model", "ema")}
+        utils.save_checkpoint(dict(best, model=progress.best_ema, ema=progress.best_ema), run.path("best.pt"))
+        progress.best_ema = None
+
+
+def train_epoch(run, progress, stop):
+    """The rest of the current epoch, one optimizer step at a time; logs and checkpoints on the way."""
+    cfg = run.cfg
+    epoch, first = divmod(progress.step, run.steps_per_epoch)
+    order = torch.randperm(len(run.images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
+    order, global_batch = order.to(run.images.device), run.batch * run.world
+    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['EPOCHS']}", disable=not run.master,
+               leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
+    for i in bar:
+        idx = order[i * global_batch:(i + 1) * global_batch]
+        x0, t, noise, y = make_batch(run.images, run.labels, idx, run.noise_gen, cfg, run.rank, run.world,
+                                     run.device, run.num_classes)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, progress.step, run.total_steps)
+        loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, y, cfg, run.autocast)
+        run.ema.update_parameters(run.model)
+        progress.record(loss, bad)
+        if progress.step % cfg["LOG_EVERY"] == 0:
+            if progress.bad_run.item() >= cfg["MAX_NONFINITE"]:
+                raise UserError(f"the loss was not finite for {int(progress.bad_run.item())} steps in a row at step "
+                                f"{progress.step}: lower --lr or --batch-size; the last good checkpoint is kept")
+            row = log_row(run, progress)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", img_s=f"{row['img_per_s']:.0f}")
+        if run.master and progress.step % cfg["CHECKPOINT_EVERY"] == 0:
+            save(run, progress)
+        if stop.requested:
+            break
+    bar.close()
+
+
+def end_epoch(run, progress):
+    """Rank 0, after a whole epoch: validation loss, the best EMA kept in memory, a line, sample grid and plot."""
+    cfg, epoch = run.cfg, progress.step // run.steps_per_epoch
+    paused = time.perf_counter()
+    val = validation_loss(run.ema.module, run.schedule, run.data.val, cfg, run.device, run.autocast)
+    progress.window_start += time.perf_counter() - paused  # keep img/s a training figure
+    row = log_row(run, progress, val)
+    if val < progress.best_val:  # written with the next checkpoint
+        progress.best_val = val
+        progress.best_ema = {k: v.detach().to("cpu", copy=True) for k, v in run.ema.module.state_dict().items()}
+    skipped = int(progress.bad_total.item())
+    print(f"epoch {epoch}/{cfg['EPOCHS']}  step {progress.step:,}  loss {row['loss']:.4f}  val {val:.4f}  "
+          f"lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  {row['elapsed_s'] / 60:.1f} min"
+          + (f"  ({skipped} non-finite steps skipped)" if skipped else ""))
+    if epoch % cfg["SAMPLE_EVERY"] == 0 or progress.step >= run.total_steps:
+        sample_grid(run.ema.module, run.schedule, cfg, run.device, run.autocast,
+                    run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.num_classes)
+        plot_losses(progress.history, run.path("loss.png"))
+
+
+def check_ranks_agree(run):
+    """Every rank must hold the same weights after DDP training; say so, cheaply."""
+    flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    gap = (flat - reference).abs().max()
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    if run.master:
+        print(f"weights identical on all {run.world} ranks" if gap.item() == 0 else
+              f"warning: ranks differ by {gap.item():.2e}")
+    dist.destroy_process_group()
+
+
+def finish(run, progress, stop):
+    """Save; exit with code 130 when stopped early."""
+    if stop.requested:
+        if run.master:
+            save(run, progress)
+            print(f"\nstopped at step {progress.step:,}: checkpoint saved to {run.path('checkpoint.pt')}; "
+                  f"run train.py again to resume")
         raise SystemExit(130)
-    if world > 1:  # every rank must hold the same weights; say so, cheaply
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        reference = flat.clone()
-        dist.broadcast(reference, 0)
-        gap = (flat - reference).abs().max()
-        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
-        if master:
-            print(f"weights identical on all {world} ranks" if gap.item() == 0 else f"warning: ranks differ by {gap.item():.2e}")
-        dist.destroy_process_group()
-    if master:
-        save_all()
-        print(f"done: {step:,} steps; checkpoint {ckpt_path}, samples in {os.path.join(out, 'samples')}")
+    if run.world > 1:
+        check_ranks_agree(run)
+    if run.master:
+        save(run, progress)
+        print(f"done: {progress.step:,} steps; checkpoint {run.path('checkpoint.pt')}, samples in "
+              f"{run.path('samples')}")
+
+
+def main():
+    cfg, fresh = parse_settings()
+    rank, world, device = setup_distributed()
+    prepare_process(cfg, rank, device)
+    data = load_training_data(cfg, rank, world)
+    run = build_run(cfg, data, rank, world, device)
+    progress = resume(run, fresh)
+    stop = StopRequest()
+    if run.master:
+        describe(run)
+        start_log(run, progress)
+    try:
+        while progress.step < run.total_steps and not stop.requested:
+            train_epoch(run, progress, stop)
+            if run.master and not stop.requested:
+                end_epoch(run, progress)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"CUDA ran out of memory at batch {run.batch}, {cfg['IMAGE_SIZE']} px: try a smaller "
+                        f"--batch-size or --image-size") from None
+    finish(run, progress, stop)
 
 
 if __name__ == "__main__":

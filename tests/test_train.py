@@ -203,3 +203,17 @@ def test_resume_mid_epoch_under_cosine_decay_equals_a_straight_run(tiny_data, tm
     for part in ("model", "ema"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part}.{k}")
+
+
+def test_stop_request_first_asks_then_interrupts():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = train.StopRequest()
+        assert signal.getsignal(signal.SIGTERM) == stop.handle and not stop.requested
+        stop.handle(signal.SIGTERM, None)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
