@@ -3,14 +3,19 @@
     python bench.py                          # the constants in utils.py (any --flag overrides them)
     python bench.py --vs-diffusers           # also diffusers' UNet2DModel of matched size, alternating
     python bench.py --profile                # also where the step's time goes (top operators, a trace file)
+    python bench.py --ingest 200             # instead, the time to read 200 synthetic scans, cold and cached
 Prints a table and writes OUTPUT_DIR/bench.json. Utilisation is given twice: against the device's
 spec-sheet peak (MFU, CUDA) and against a dense matmul timed in the same run (any device).
 """
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import nibabel
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,6 +26,7 @@ from modules import build_model, groups
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
                     "RTX 4090": 165, "RTX 3090": 71, "V100": 125}  # dense bf16 (fp16 for V100) tensor-core peaks
+INGEST_SHAPE = (256, 256, 170)  # --ingest: voxels of each synthetic scan (int16, 1 x 1 x 1.2 mm, gzipped NIfTI)
 
 
 class DiffusersUNet(torch.nn.Module):
@@ -142,6 +148,42 @@ def profile_steps(run, steps, path):
     print(f"trace: {path} (open in chrome://tracing or ui.perfetto.dev)")
 
 
+def synthetic_head(shape, seed):
+    """A head-like int16 NIfTI scan: a textured ellipsoid brain inside a skull shell, with scanner noise."""
+    g = torch.Generator().manual_seed(seed)
+    axes = [torch.linspace(-1, 1, n).view([-1 if i == j else 1 for j in range(3)]) for i, n in enumerate(shape)]
+    radii = torch.tensor([0.75, 0.85, 0.8]) * (1 + 0.05 * torch.randn(3, generator=g))
+    r = sum((a / ra) ** 2 for a, ra in zip(axes, radii))
+    texture = torch.nn.functional.interpolate(torch.rand(1, 1, 24, 24, 16, generator=g), size=shape,
+                                              mode="trilinear")[0, 0]
+    vol = torch.where(r < 0.75, 400 + 500 * texture, torch.where((r > 0.85) & (r < 1), 250.0, 0.0))
+    vol = (vol + 30 * torch.randn(shape, generator=g)).abs().round().to(torch.int16)
+    return nibabel.Nifti1Image(vol.numpy(), torch.diag(torch.tensor([1.0, 1.0, 1.2, 1.0])).numpy())
+
+
+def ingest_speed(n, cfg):
+    """Write n synthetic scans to a temporary folder, time dataset.py reading them cold (decoding) and warm (the
+    cache only), print the figures with the cache size, and delete the scans."""
+    folder = tempfile.mkdtemp(prefix="bench_ingest_")
+    try:
+        print(f"writing {n} synthetic {'x'.join(map(str, INGEST_SHAPE))} int16 scans into {folder}...", flush=True)
+        with ThreadPoolExecutor(dataset.WORKERS) as pool:
+            list(pool.map(lambda i: nibabel.save(synthetic_head(INGEST_SHAPE, i), f"{folder}/scan_{i:03d}.nii.gz"),
+                          range(n)))
+        scans = sum(e.stat().st_size for e in os.scandir(folder))
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            data = dataset.load_data(dict(cfg, DATA_DIR=folder))
+            seconds.append(time.perf_counter() - start)
+        cache = sum(e.stat().st_size for e in os.scandir(data.cache))
+        print(f"{n} scans ({scans / 2 ** 30:.2f} GiB), {len(data.train) + len(data.val)} slices at {cfg['IMAGE_SIZE']} "
+              f"px: cold {seconds[0]:.1f} s ({n / seconds[0]:.1f} scans/s, {dataset.WORKERS} threads), warm "
+              f"{seconds[1]:.2f} s; cache {cache / 2 ** 20:.0f} MiB")
+    finally:
+        shutil.rmtree(folder)
+
+
 def parse_settings():
     """The configuration (constants and flags, checked) and the benchmark's own flags."""
     parser = utils.build_parser(__doc__)
@@ -152,6 +194,7 @@ def parse_settings():
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--ddpm-batch", type=int, default=64, help="batch for the 1000-step ddpm timing (0 skips)")
     parser.add_argument("--profile", action="store_true", help="also profile a few training steps of ours")
+    parser.add_argument("--ingest", type=int, metavar="N", help="instead, time reading N synthetic scans (see above)")
     args = parser.parse_args()
     return utils.check_config(utils.config_from_args(args)), args
 
@@ -223,6 +266,8 @@ def print_report(result, cfg):
 
 def main():
     cfg, args = parse_settings()
+    if args.ingest:
+        return ingest_speed(args.ingest, cfg)
     device = utils.get_device()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1,20 +1,24 @@
-"""Finds and reads the data: OASIS PNG slices, ADNI AD/NC slices, any folder of images, or the demo (demo.py).
+"""Finds and reads the data: OASIS PNG slices, ADNI AD/NC slices, any folder of images, a folder of NIfTI, Analyze
+or MGZ scans (sliced by volumes.py), or the demo (demo.py).
 
 Every image is decoded once into a uint8 cache (<root>/.cache/*.pt). `python dataset.py [DIR]` shows what it finds.
 """
 import hashlib
 import os
+import re
 import sys
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 import utils
+import volumes
 from utils import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # files read as images (any case)
@@ -26,15 +30,27 @@ OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,t
 ADNI_SPLITS = ("train", "test")  # ADNI split folders: train, and test used as the held-out split
 ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders in each split; the list index is the label
 FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
+VOLUME_SPLITS = {"train": "train", "val": "val", "validate": "val", "test": "test"}  # scan split folders (any case)
+VAL_SUBJECTS = 0.1  # held-out share of subjects in a folder of scans without split folders
+SUBJECT_ID = r"sub-[A-Za-z0-9]+|OAS\d_\d{4}|\d{3}_S_\d{4}"  # BIDS, OASIS, ADNI subject ids: their scans stay together
+PREVIEW_SIDE = 8  # the --preview contact sheet is PREVIEW_SIDE x PREVIEW_SIDE images
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, do not just warn
 
 
+class Scan(NamedTuple):
+    """One scan of a volumes folder, as read."""
+    path: str
+    subject: str  # its subject id (SUBJECT_ID) or, without one, its own name: a subject's scans share a split
+    split: str  # 'train' | 'val'
+    slices: int  # slices kept; the split's images hold them in this order, bottom to top
+
+
 @dataclass
 class Data:
     """A dataset in memory: uint8 N x 1 x S x S splits, with labels where the layout has classes."""
-    layout: str  # 'oasis' | 'adni' | 'folder' | 'demo'
+    layout: str  # 'oasis' | 'adni' | 'folder' | 'volumes' | 'demo'
     root: str  # the folder that was read
     train: torch.Tensor
     val: torch.Tensor
@@ -45,14 +61,16 @@ class Data:
     val_positions: torch.Tensor | None = None
     fingerprint: str = ""  # hash of the file lists (names, sizes, mtimes) and the image size
     cache: str = ""
-    sizes: dict = field(default_factory=dict)  # original image sizes found, 'WxH': count
+    sizes: dict = field(default_factory=dict)  # original image sizes found, 'WxH' (scans 'XxYxZ AxBxC mm'): count
+    scans: list = field(default_factory=list)  # volumes: the Scans read, train ones first
 
     def summary(self):
         s = self.train.shape[-1]
         found = ", ".join(f"{k} ({v})" for k, v in Counter(self.sizes).most_common(3))
         classes = f", classes {'/'.join(self.classes)}" if self.classes else ""
-        return (f"{self.layout} data in {_show(self.root)}: {len(self.train)} train / {len(self.val)} val images "
-                f"of {found} read at {s}x{s}{classes}; cache {_show(self.cache)}")
+        scans = f" from {len(self.scans)} scans" if self.scans else ""
+        return (f"{self.layout} data in {_show(self.root)}: {len(self.train)} train / {len(self.val)} val images"
+                f"{scans} of {found} read at {s}x{s}{classes}; cache {_show(self.cache)}")
 
 
 # ---------------------------------------------------------------- reading images
@@ -89,8 +107,8 @@ def decode_image(path, size):
     return np.asarray(im), (w, h)
 
 
-def list_images(folder, exclude=()):
-    """Image files under folder, sorted, skipping hidden folders, OASIS masks and the paths in exclude."""
+def list_images(folder, exclude=(), exts=IMAGE_EXTS):
+    """Image files (or other exts) under folder, sorted, skipping hidden folders, OASIS masks and exclude."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
@@ -99,7 +117,7 @@ def list_images(folder, exclude=()):
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith((".", OASIS + "seg")) and os.path.join(top, d) not in exclude]
-        found += [os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
+        found += [os.path.join(top, f) for f in files if f.lower().endswith(exts) and not f.startswith(".")]
     return sorted(found)
 
 
@@ -146,11 +164,11 @@ def _load_split(root, layout, split, paths, labels, size):
     entries = []
     for p, label in zip(paths, labels):
         try:
-            st = os.stat(p)
-            entries.append((p, label, st.st_size, st.st_mtime_ns))
+            st = [os.stat(p)] + [os.stat(f) for f in [volumes.image_of(p)] if f and os.path.exists(f)]  # Analyze .img
+            entries.append((p, label, sum(s.st_size for s in st), max(s.st_mtime_ns for s in st)))
         except OSError as e:  # broken link, link loop, vanished
             print(f"warning: skipping {_show(p)} ({e.strerror})", file=sys.stderr)
-    h = hashlib.sha1(str(size).encode())
+    h = hashlib.sha1(str(size).encode() + (volumes.settings() if layout == "volumes" else b""))
     for p, label, n, t in entries:
         h.update(os.fsencode(os.path.relpath(p, root)) + f"\0{label}\0{n}\0{t}\n".encode())
     key = h.hexdigest()[:12]
@@ -160,13 +178,26 @@ def _load_split(root, layout, split, paths, labels, size):
         if (c := _read_cache(os.path.join(d, name), size)) is not None:
             break
     else:
-        images, keep, sizes, skipped = _decode_all([e[0] for e in entries], size)
-        kept = None if labels[0] is None else torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
-        c = {"images": images, "labels": kept, "sizes": sizes, "skipped": skipped}
+        if layout == "volumes":
+            c = _read_scans(root, entries, labels, size)
+        else:
+            images, keep, sizes, skipped = _decode_all([e[0] for e in entries], size)
+            kept = None if labels[0] is None else torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
+            c = {"images": images, "labels": kept, "sizes": sizes, "skipped": skipped}
         d = _save_cache(c, dirs, name, f"{layout}_{split}_{size}_")
+    for msg in c.get("notices", ()):
+        print(f"notice: {msg}")
     for msg in c["skipped"]:
         print(f"warning: skipping {msg}", file=sys.stderr)
     return c, key, d
+
+
+def _read_scans(root, entries, labels, size):
+    """A split of scans as a cache record: their slices with positions (and labels), and the slices kept per file."""
+    images, positions, counts, sizes, skipped, notices = volumes.read_scans([e[0] for e in entries], size, WORKERS)
+    kept = None if labels[0] is None else torch.tensor([e[1] for e in entries]).repeat_interleave(counts)
+    return {"images": images, "positions": positions, "labels": kept, "counts": counts, "sizes": sizes,
+            "skipped": skipped, "notices": notices, "files": [os.path.relpath(e[0], root) for e in entries]}
 
 
 def _save_cache(c, dirs, name, stale):
@@ -199,7 +230,8 @@ def _subdirs(d, exclude):
 
 
 def find_layout(folder, exclude=()):
-    """('oasis' | 'adni' | 'folder', root): the first OASIS or ADNI layout up to SEARCH_DEPTH levels down."""
+    """('oasis' | 'adni' | 'volumes' | 'folder', root): the first OASIS or ADNI layout up to SEARCH_DEPTH levels
+    down (its split/class folders holding scans and no images: volumes), else the folder holding all the scans."""
     level = [folder]
     for _ in range(SEARCH_DEPTH + 1):
         for d in level:
@@ -208,9 +240,42 @@ def find_layout(folder, exclude=()):
                 return "oasis", d
             if name == "AD_NC" or any(os.path.isdir(os.path.join(d, s, c)) for s in ADNI_SPLITS
                                       for c in ADNI_CLASSES):
-                return "adni", d
+                scans_only = not list_images(d, exclude) and list_images(d, exclude, volumes.SCAN_EXTS)
+                return ("volumes" if scans_only else "adni"), d
         level = [s for d in level for s in _subdirs(d, exclude)]
-    return "folder", folder
+    scans = list_images(folder, exclude, volumes.SCAN_EXTS)
+    if not scans:
+        return "folder", folder
+    parts = os.path.relpath(os.path.commonpath([os.path.dirname(p) for p in scans]), folder).split(os.sep)
+    parts = parts[:next((i for i, p in enumerate(parts) if p.lower() in VOLUME_SPLITS), len(parts))]
+    return "volumes", os.path.normpath(os.path.join(folder, *parts))  # the deepest folder above all scans and splits
+
+
+def _volume_splits(root, exclude):
+    """({split: (paths, labels)}, classes) of a folder of scans: 'train' and 'val' (else 'test') from its split
+    folders, or 'all'; labels from class folders below them (two or more, not named like subjects)."""
+    scans = list_images(root, exclude, volumes.SCAN_EXTS)
+    parts = [os.path.relpath(p, root).split(os.sep) for p in scans]
+    split_of = [VOLUME_SPLITS.get(q[0].lower()) if len(q) > 1 else None for q in parts]
+    found = set(split_of) - {None}
+    if found and "train" not in found:
+        raise UserError(f"the scans in {_show(root)} have {'/'.join(sorted(found))} folders but no train folder: "
+                        f"add one, or put all the scans in one folder")
+    held = "val" if "val" in found else "test" if "test" in found else None
+    use = {"train": "train", held: "val"} if held else {"train": "all"} if found else {None: "all"}
+    chosen = [(p, q[1:] if found else q, use[s]) for p, q, s in zip(scans, parts, split_of) if s in use]
+    if len(chosen) < len(scans):
+        print(f"notice: not reading the {len(scans) - len(chosen)} scans outside the "
+              f"{' and '.join(k for k in use if k)} folders of {_show(root)}")
+    names = {q[0] for _, q, _ in chosen}
+    is_classes = len(names) > 1 and all(len(q) > 1 and not re.search(SUBJECT_ID, q[0]) for _, q, _ in chosen)
+    classes = sorted(names) if is_classes else []
+    splits = {}
+    for p, q, s in chosen:
+        paths, labels = splits.setdefault(s, ([], []))
+        paths.append(p)
+        labels.append(classes.index(q[0]) if classes else None)
+    return splits, classes
 
 
 def _split_files(layout, root, cfg, exclude):
@@ -257,26 +322,62 @@ def _locate(cfg):
     return "demo", os.path.join(demo, OASIS + "data"), set()
 
 
+def _subject(path):
+    """The subject id in a scan's path (SUBJECT_ID), or the path itself."""
+    m = re.search(SUBJECT_ID, path)
+    return m.group(0) if m else path
+
+
+def _held_out(subjects, seed):
+    """A seeded VAL_SUBJECTS share of the subjects, at least one when there are two or more."""
+    names = sorted(subjects)
+    n = max(1, round(VAL_SUBJECTS * len(names))) if len(names) >= 2 else 0
+    return {names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:n].tolist()}
+
+
+def _volume_data(root, got, classes, seed):
+    """Data of a folder of scans: its split folders, or a seeded share of its subjects held out (never slices)."""
+    scans, val = [], []
+    for s, c in got.items():  # 'all', or 'train' and 'val'
+        subjects = [_subject(f) for f in c["files"]]
+        held = _held_out({u for u, n in zip(subjects, c["counts"]) if n}, seed) if s == "all" else set()
+        in_val = [s == "val" or u in held for u in subjects]
+        val.append(torch.tensor(in_val, dtype=torch.bool).repeat_interleave(c["counts"]))
+        scans += [Scan(os.path.join(root, f), u, "val" if v else "train", n)
+                  for f, u, v, n in zip(c["files"], subjects, in_val, c["counts"].tolist()) if n]
+    val = torch.cat(val)
+    images, positions = (torch.cat([c[k] for c in got.values()]) for k in ("images", "positions"))
+    labels = torch.cat([c["labels"] for c in got.values()]) if classes else None
+    return Data("volumes", root, images[~val], images[val], labels[~val] if classes else None,
+                labels[val] if classes else None, classes, positions[~val], positions[val],
+                scans=sorted(scans, key=lambda x: x.split == "val"))
+
+
 def load_data(cfg):
     """Find the dataset under cfg['DATA_DIR'] (or build the demo there), read it (cached) and split it."""
     if (size := cfg["IMAGE_SIZE"]) <= 0:
         raise UserError(f"IMAGE_SIZE must be positive, got {size}: use --image-size 128")
     name, folder, exclude = _locate(cfg)
     if not os.path.isdir(folder):
-        raise UserError(f"DATA_DIR {_show(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC) "
-                        f"or any images there, or pass --data-dir PATH")
+        raise UserError(f"DATA_DIR {_show(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC), "
+                        f"any images or scans there, or pass --data-dir PATH")
     layout, root = find_layout(folder, exclude)
-    splits = _split_files(layout, root, cfg, exclude)
+    if layout == "volumes":
+        splits, classes = _volume_splits(root, exclude)
+    else:
+        splits, classes = _split_files(layout, root, cfg, exclude), []
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
         raise UserError(f"DATA_DIR {_show(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
-                        "never trained on" if masks else f"no images ({', '.join(IMAGE_EXTS)})")
-                        + ": put OASIS, ADNI or any images there, or pass --data-dir PATH")
+                        "never trained on" if masks else f"no images ({', '.join(IMAGE_EXTS)}) or scans "
+                        f"({', '.join(volumes.SCAN_EXTS)})") + ": put OASIS, ADNI, any images or scans there, "
+                        "or pass --data-dir PATH")
     got, keys, sizes, cache = {}, [], Counter(), None
     for s, (paths, labels) in splits.items():
         c, key, where = _load_split(root, layout, s, paths, labels, size)
         if not len(c["images"]):
-            raise UserError(f"none of the {len(paths)} images of the {s} split in {_show(root)} could be read")
+            raise UserError(f"none of the {len(paths)} {'scans' if layout == 'volumes' else 'images'} of the {s} "
+                            f"split in {_show(root)} could be read")
         got[s], cache = c, cache or where
         keys.append(key)
         sizes.update(c["sizes"])
@@ -286,6 +387,8 @@ def load_data(cfg):
     elif layout == "adni":
         tr, te = got["train"], got["test"]
         data = Data(layout, root, tr["images"], te["images"], tr["labels"], te["labels"], list(ADNI_CLASSES))
+    elif layout == "volumes":
+        data = _volume_data(root, got, classes, cfg["SEED"])
     else:  # a seeded 95/5 split, at least one held-out image when there are two
         images = got["all"]["images"]
         n_val = max(1, round(VAL_FRACTION * len(images))) if len(images) >= 2 else 0
@@ -298,9 +401,25 @@ def load_data(cfg):
     return data
 
 
+def save_preview(data, path):
+    """A contact sheet of training images as the model sees them: of scans, one row per scan (up to PREVIEW_SIDE,
+    evenly picked), its slices bottom to top; otherwise PREVIEW_SIDE squared images evenly spread."""
+    n = PREVIEW_SIDE
+    if data.scans:
+        counts = torch.tensor([s.slices for s in data.scans if s.split == "train"])
+        starts = counts.cumsum(0) - counts
+        rows = torch.linspace(0, len(counts) - 1, min(n, len(counts))).round().long().tolist()
+        idx = torch.cat([starts[r] + torch.linspace(0, counts[r].item() - 1, n).round().long() for r in rows])
+    else:
+        idx = torch.linspace(0, len(data.train) - 1, min(n * n, len(data.train))).round().long()
+    utils.save_png(data.train[idx].float() / 127.5 - 1, path, nrow=n)
+
+
 def main():
     parser = utils.build_parser("Show what dataset.py finds in a data folder.")
     parser.add_argument("dir", nargs="?", help="the data folder (default: DATA_DIR)")
+    parser.add_argument("--preview", nargs="?", const="", metavar="PNG", help="also write a contact sheet of "
+                        "training images as the model sees them (default: OUTPUT_DIR/preview.png)")
     args = parser.parse_args()
     cfg = utils.config_from_args(args)
     cfg["DATA_DIR"] = args.dir or cfg["DATA_DIR"]
@@ -309,8 +428,19 @@ def main():
     print(f"splits  {len(d.train)} train, {len(d.val)} val" + (", classes " + ", ".join(
         f"{c} ({int((d.train_labels == i).sum())} train, {int((d.val_labels == i).sum())} val)"
         for i, c in enumerate(d.classes)) if d.classes else ""))
+    if d.scans:
+        kept = sorted(s.slices for s in d.scans)
+        print(f"scans   {len(d.scans)}: " + ", ".join(f"{sum(s.split == x for s in d.scans)} {x} "
+              f"({len({s.subject for s in d.scans if s.split == x})} subjects)" for x in ("train", "val"))
+              + f"; {kept[0]}-{kept[-1]} slices kept per scan (median {kept[len(kept) // 2]})")
     print(f"images  {', '.join(f'{k} ({v})' for k, v in d.sizes.items())} found, read at {d.train.shape[-1]}px")
     print(f"cache   {_show(d.cache)} (fingerprint {d.fingerprint})")
+    if args.preview is not None:
+        path = args.preview or os.path.join(cfg["OUTPUT_DIR"], "preview.png")
+        save_preview(d, path)
+        print(f"preview {_show(path)}: " + (f"a row per training scan (up to {PREVIEW_SIDE}), slices bottom to top"
+                                             if d.scans else "training images, evenly spread"))
+
 
 if __name__ == "__main__":
     utils.run(main)

@@ -17,3 +17,11 @@ def test_bench_writes_json(tiny_data, tmp_path):
     assert "img/s" in r.stdout and "% of matmul" in r.stdout
     assert "convolution" in r.stdout  # the profile's operator table
     assert os.path.getsize(os.path.join(tmp_path, "bench_trace.json")) > 0
+
+
+def test_bench_ingest_times_scans_and_cleans_up(tmp_path):
+    r = run_script("bench.py", "--ingest", "2", "--image-size", "32", "--output-dir", str(tmp_path),
+                   env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert "2 scans" in r.stdout and "cold" in r.stdout and "warm" in r.stdout and "cache" in r.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("bench_ingest_")]  # the scans are deleted
