@@ -44,7 +44,7 @@ class DiffusersUNet(torch.nn.Module):
             up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
             attention_head_dim=widths[-1] // cfg["NUM_HEADS"], dropout=cfg["DROPOUT"])
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, s=None):
         return self.net(x, t).sample
 
 
@@ -106,8 +106,8 @@ class TrainingRun:
         start = time.perf_counter()
         for _ in range(steps):
             idx = torch.randint(0, len(self.images), (self.cfg["BATCH_SIZE"],), device=self.images.device)
-            x0, t, noise, y = train.make_batch(self.images, None, idx, self.gen, self.cfg, 0, 1, self.device)
-            train.train_step(self.net, self.model, self.optimizer, self.schedule, x0, t, noise, y, self.cfg,
+            x0, t, noise, cond = train.make_batch(self.images, idx, self.gen, self.cfg, 0, 1, self.device)
+            train.train_step(self.net, self.model, self.optimizer, self.schedule, x0, t, noise, cond, self.cfg,
                              self.autocast)
             self.ema.update_parameters(self.model)
         sync(self.device)

@@ -29,6 +29,8 @@ WORKERS = min(8, os.cpu_count() or 1)  # threads decoding and writing images
 OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,test}, masks in ..._seg_*
 ADNI_SPLITS = ("train", "test")  # ADNI split folders: train, and test used as the held-out split
 ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders in each split; the list index is the label
+SLICE_NAME = re.compile(r"(.+)_slice_(\d+)")  # OASIS file names: case_NNN_slice_K (the demo's too)
+ADNI_NAME = re.compile(r"(.+)_(\d+)")  # ADNI file names: SUBJECT_K
 FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
 VOLUME_SPLITS = {"train": "train", "val": "val", "validate": "val", "test": "test"}  # scan split folders (any case)
 VAL_SUBJECTS = 0.1  # held-out share of subjects in a folder of scans without split folders
@@ -154,23 +156,24 @@ def _read_cache(path, size):
     try:
         c = torch.load(path, weights_only=True)
         ok = c["images"].dtype == torch.uint8 and tuple(c["images"].shape[1:]) == (1, size, size)
-        return c if ok else None
+        return c if ok and ("files" in c or len(c["names"]) == len(c["images"])) else None  # scans, or images
     except Exception:  # missing or corrupt: rebuilt
         return None
 
 
-def _load_split(root, layout, split, paths, labels, size):
-    """Images (and labels) of one split from the cache, decoding and caching them when the files changed."""
+def _load_split(root, layout, split, paths, size):
+    """Images of one split and the names (paths under root) of the files they came from, from the cache, decoding
+    and caching them when the files changed."""
     entries = []
-    for p, label in zip(paths, labels):
+    for p in paths:
         try:
             st = [os.stat(p)] + [os.stat(f) for f in [volumes.image_of(p)] if f and os.path.exists(f)]  # Analyze .img
-            entries.append((p, label, sum(s.st_size for s in st), max(s.st_mtime_ns for s in st)))
+            entries.append((p, sum(s.st_size for s in st), max(s.st_mtime_ns for s in st)))
         except OSError as e:  # broken link, link loop, vanished
             print(f"warning: skipping {_show(p)} ({e.strerror})", file=sys.stderr)
     h = hashlib.sha1(str(size).encode() + (volumes.settings() if layout == "volumes" else b""))
-    for p, label, n, t in entries:
-        h.update(os.fsencode(os.path.relpath(p, root)) + f"\0{label}\0{n}\0{t}\n".encode())
+    for p, n, t in entries:
+        h.update(os.fsencode(os.path.relpath(p, root)) + f"\0{n}\0{t}\n".encode())
     key = h.hexdigest()[:12]
     name = f"{layout}_{split}_{size}_{key}.pt"
     dirs = [os.path.join(root, ".cache"), os.path.expanduser(FALLBACK_CACHE)]
@@ -179,11 +182,12 @@ def _load_split(root, layout, split, paths, labels, size):
             break
     else:
         if layout == "volumes":
-            c = _read_scans(root, entries, labels, size)
+            c = _read_scans(root, [e[0] for e in entries], size)
         else:
             images, keep, sizes, skipped = _decode_all([e[0] for e in entries], size)
-            kept = None if labels[0] is None else torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
-            c = {"images": images, "labels": kept, "sizes": sizes, "skipped": skipped}
+            names = [os.fsencode(os.path.relpath(entries[i][0], root)).decode("utf-8", "surrogateescape")
+                     for i in keep]
+            c = {"images": images, "names": names, "sizes": sizes, "skipped": skipped}
         d = _save_cache(c, dirs, name, f"{layout}_{split}_{size}_")
     for msg in c.get("notices", ()):
         print(f"notice: {msg}")
@@ -192,12 +196,11 @@ def _load_split(root, layout, split, paths, labels, size):
     return c, key, d
 
 
-def _read_scans(root, entries, labels, size):
-    """A split of scans as a cache record: their slices with positions (and labels), and the slices kept per file."""
-    images, positions, counts, sizes, skipped, notices = volumes.read_scans([e[0] for e in entries], size, WORKERS)
-    kept = None if labels[0] is None else torch.tensor([e[1] for e in entries]).repeat_interleave(counts)
-    return {"images": images, "positions": positions, "labels": kept, "counts": counts, "sizes": sizes,
-            "skipped": skipped, "notices": notices, "files": [os.path.relpath(e[0], root) for e in entries]}
+def _read_scans(root, paths, size):
+    """A split of scans as a cache record: their slices with positions, and the slices kept per file."""
+    images, positions, counts, sizes, skipped, notices = volumes.read_scans(paths, size, WORKERS)
+    return {"images": images, "positions": positions, "counts": counts, "sizes": sizes, "skipped": skipped,
+            "notices": notices, "files": [os.path.relpath(p, root) for p in paths]}
 
 
 def _save_cache(c, dirs, name, stale):
@@ -252,8 +255,8 @@ def find_layout(folder, exclude=()):
 
 
 def _volume_splits(root, exclude):
-    """({split: (paths, labels)}, classes) of a folder of scans: 'train' and 'val' (else 'test') from its split
-    folders, or 'all'; labels from class folders below them (two or more, not named like subjects)."""
+    """({split: paths}, classes, {path under root: class index}) of a folder of scans: 'train' and 'val' (else 'test') from its
+    split folders, or 'all'; classes from the folders below them (two or more, not named like subjects)."""
     scans = list_images(root, exclude, volumes.SCAN_EXTS)
     parts = [os.path.relpath(p, root).split(os.sep) for p in scans]
     split_of = [VOLUME_SPLITS.get(q[0].lower()) if len(q) > 1 else None for q in parts]
@@ -271,55 +274,84 @@ def _volume_splits(root, exclude):
     is_classes = len(names) > 1 and all(len(q) > 1 and not re.search(SUBJECT_ID, q[0]) for _, q, _ in chosen)
     classes = sorted(names) if is_classes else []
     splits = {}
-    for p, q, s in chosen:
-        paths, labels = splits.setdefault(s, ([], []))
-        paths.append(p)
-        labels.append(classes.index(q[0]) if classes else None)
-    return splits, classes
+    for p, _, s in chosen:
+        splits.setdefault(s, []).append(p)
+    return splits, classes, {os.path.relpath(p, root): classes.index(q[0]) for p, q, _ in chosen} if classes else {}
 
 
 def _split_files(layout, root, cfg, exclude):
-    """{split: (paths, labels)}; UserError when a split folder is missing or holds no images."""
+    """{split: paths}; UserError when a split folder is missing or holds no images."""
     if layout == "folder":
         paths = list_images(root, exclude)
-        return {"all": (paths, [None] * len(paths))} if paths else {}
+        return {"all": paths} if paths else {}
     if layout == "oasis":
-        folders = {s: [(OASIS + s, None)] for s in ["train", "validate"] + ["test"] * cfg["OASIS_TRAIN_ON_TEST"]}
+        folders = {s: [OASIS + s] for s in ["train", "validate"] + ["test"] * cfg["OASIS_TRAIN_ON_TEST"]}
     else:
-        folders = {s: [(os.path.join(s, c), i) for i, c in enumerate(ADNI_CLASSES)] for s in ADNI_SPLITS}
+        folders = {s: [os.path.join(s, c) for c in ADNI_CLASSES] for s in ADNI_SPLITS}
     splits = {}
     for s, parts in folders.items():
-        paths, labels = [], []
-        for d, label in parts:
+        paths = []
+        for d in parts:
             if not os.path.isdir(os.path.join(root, d)):
                 raise UserError(f"the {layout.upper()} layout in {_show(root)} has no {d} folder: add it, or point "
                                 f"--data-dir at a complete copy")
-            found = list_images(os.path.join(root, d))
-            paths, labels = paths + found, labels + [label] * len(found)
+            paths += list_images(os.path.join(root, d))
         if not paths:
             raise UserError(f"{_show(os.path.join(root, OASIS + s if layout == 'oasis' else s))} holds no images "
                             f"({', '.join(IMAGE_EXTS)}): add them, or point --data-dir at a complete copy")
-        splits[s] = (paths, labels)
+        splits[s] = paths
     return splits
 
 
+def slice_positions(names, layout):
+    """Each slice's position in [0, 1], bottom to top: the rank of its number K among its subject's slices, from
+    OASIS `case_NNN_slice_K` or ADNI `SUBJECT_K` names (`..._slice_K` in a plain folder); (None, first name without
+    one) when a name carries no position."""
+    pattern = SLICE_NAME if layout in ("oasis", "folder") else ADNI_NAME
+    found = {}
+    for i, name in enumerate(names):
+        stem = os.path.basename(name).split(".")[0]
+        if not (m := pattern.fullmatch(stem)):
+            return None, name
+        found.setdefault((os.path.dirname(name), m[1]), []).append((int(m[2]), i))
+    positions = torch.full((len(names),), 0.5)
+    for slices in found.values():
+        for rank, (_, i) in enumerate(sorted(slices)):
+            positions[i] = rank / (len(slices) - 1) if len(slices) > 1 else 0.5
+    return positions, None
+
+
+def class_labels(train_names, val_names, layout):
+    """(class names, train labels, held-out labels): ADNI's AD/NC, or a plain folder's first-level sub-folders (the
+    ImageFolder convention); ([], None, None) when the images are not all in class folders."""
+    folder = lambda name: name.split(os.sep)[1 if layout == "adni" else 0] if os.sep in name else None  # noqa: E731
+    train, val = [folder(n) for n in train_names], [folder(n) for n in val_names]
+    if layout == "oasis" or None in train + val:
+        return [], None, None
+    classes = list(ADNI_CLASSES) if layout == "adni" else sorted(set(train + val))
+    return (classes, *(torch.tensor([classes.index(c) for c in f], dtype=torch.long) for f in (train, val)))
+
+
 def _locate(cfg):
-    """(layout name or None, folder to search, folders to leave out), building the demo where it is due."""
+    """(layout name or None, folder to search, folders to leave out), building the demo where it is due: the
+    labelled (AD/NC) one when CONDITION asks for classes, the OASIS-like one otherwise."""
     folder = cfg["DATA_DIR"]
-    demo = os.path.join(folder, "demo")
     if os.path.normpath(folder) != os.path.normpath(utils.DATA_DIR):
         return None, folder, set()
-    if os.path.isdir(folder) and any(not e.startswith(".") and e not in ("README.md", "demo")
+    demos = {name: os.path.join(folder, name) for name in ("demo", "demo_labelled")}
+    if os.path.isdir(folder) and any(not e.startswith(".") and e != "README.md" and e not in demos
                                      for e in os.listdir(folder)):
-        return None, folder, {demo}  # real data in the default folder: never the demo
+        return None, folder, set(demos.values())  # real data in the default folder: never a demo
+    labelled = utils.conditions_of(cfg)[0]
+    demo = demos["demo_labelled" if labelled else "demo"]
     if not os.path.isfile(os.path.join(demo, "DONE")):  # DONE is written last: a half-built demo is rebuilt
         try:
             import demo as demo_set  # imports this module: loaded only when a demo is due
-            demo_set.build_demo(demo)
+            (demo_set.build_labelled_demo if labelled else demo_set.build_demo)(demo)
         except OSError as e:
             raise UserError(f"could not build the demo in {_show(demo)} ({e.strerror or e}): make {_show(folder)} "
                             f"writable or pass --data-dir PATH") from None
-    return "demo", os.path.join(demo, OASIS + "data"), set()
+    return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
 
 
 def _subject(path):
@@ -335,7 +367,7 @@ def _held_out(subjects, seed):
     return {names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:n].tolist()}
 
 
-def _volume_data(root, got, classes, seed):
+def _volume_data(root, got, classes, label_of, seed):
     """Data of a folder of scans: its split folders, or a seeded share of its subjects held out (never slices)."""
     scans, val = [], []
     for s, c in got.items():  # 'all', or 'train' and 'val'
@@ -347,7 +379,8 @@ def _volume_data(root, got, classes, seed):
                   for f, u, v, n in zip(c["files"], subjects, in_val, c["counts"].tolist()) if n]
     val = torch.cat(val)
     images, positions = (torch.cat([c[k] for c in got.values()]) for k in ("images", "positions"))
-    labels = torch.cat([c["labels"] for c in got.values()]) if classes else None
+    labels = torch.cat([torch.tensor([label_of[f] for f in c["files"]], dtype=torch.long)
+                        .repeat_interleave(c["counts"]) for c in got.values()]) if classes else None
     return Data("volumes", root, images[~val], images[val], labels[~val] if classes else None,
                 labels[val] if classes else None, classes, positions[~val], positions[val],
                 scans=sorted(scans, key=lambda x: x.split == "val"))
@@ -363,9 +396,9 @@ def load_data(cfg):
                         f"any images or scans there, or pass --data-dir PATH")
     layout, root = find_layout(folder, exclude)
     if layout == "volumes":
-        splits, classes = _volume_splits(root, exclude)
+        splits, classes, label_of = _volume_splits(root, exclude)
     else:
-        splits, classes = _split_files(layout, root, cfg, exclude), []
+        splits = _split_files(layout, root, cfg, exclude)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
         raise UserError(f"DATA_DIR {_show(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
@@ -373,8 +406,8 @@ def load_data(cfg):
                         f"({', '.join(volumes.SCAN_EXTS)})") + ": put OASIS, ADNI, any images or scans there, "
                         "or pass --data-dir PATH")
     got, keys, sizes, cache = {}, [], Counter(), None
-    for s, (paths, labels) in splits.items():
-        c, key, where = _load_split(root, layout, s, paths, labels, size)
+    for s, paths in splits.items():
+        c, key, where = _load_split(root, layout, s, paths, size)
         if not len(c["images"]):
             raise UserError(f"none of the {len(paths)} {'scans' if layout == 'volumes' else 'images'} of the {s} "
                             f"split in {_show(root)} could be read")
@@ -382,18 +415,23 @@ def load_data(cfg):
         keys.append(key)
         sizes.update(c["sizes"])
     if layout == "oasis":
-        train = torch.cat([got[s]["images"] for s in ("train", "test") if s in got])
-        data = Data(name or layout, root, train, got["validate"]["images"])
+        parts = [got[s] for s in ("train", "test") if s in got]
+        train = (torch.cat([c["images"] for c in parts]), sum((c["names"] for c in parts), []))
+        val = got["validate"]["images"], got["validate"]["names"]
     elif layout == "adni":
-        tr, te = got["train"], got["test"]
-        data = Data(layout, root, tr["images"], te["images"], tr["labels"], te["labels"], list(ADNI_CLASSES))
-    elif layout == "volumes":
-        data = _volume_data(root, got, classes, cfg["SEED"])
-    else:  # a seeded 95/5 split, at least one held-out image when there are two
-        images = got["all"]["images"]
+        train, val = ((got[s]["images"], got[s]["names"]) for s in ADNI_SPLITS)
+    elif layout == "folder":  # a seeded 95/5 split, at least one held-out image when there are two
+        images, names = got["all"]["images"], got["all"]["names"]
         n_val = max(1, round(VAL_FRACTION * len(images))) if len(images) >= 2 else 0
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["SEED"]))
-        data = Data(layout, root, images[perm[n_val:].sort().values], images[perm[:n_val].sort().values])
+        train, val = ((images[p], [names[i] for i in p.tolist()]) for p in (perm[n_val:].sort().values,
+                                                                            perm[:n_val].sort().values))
+    if layout == "volumes":
+        data, unnamed = _volume_data(root, got, classes, label_of, cfg["SEED"]), None
+    else:
+        data = Data(name or layout, root, train[0], val[0])
+        unnamed = conditions_from_names(data, layout, train[1], val[1], utils.conditions_of(cfg)[0])
+    check_conditions(data, cfg, unnamed)
     data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, dict(sizes)
     if len(data.train) < cfg["BATCH_SIZE"]:
         print(f"notice: only {len(data.train)} training images, fewer than BATCH_SIZE {cfg['BATCH_SIZE']}: "
@@ -413,6 +451,32 @@ def save_preview(data, path):
     else:
         idx = torch.linspace(0, len(data.train) - 1, min(n * n, len(data.train))).round().long()
     utils.save_png(data.train[idx].float() / 127.5 - 1, path, nrow=n)
+
+
+def conditions_from_names(data, layout, train_names, val_names, wants_class):
+    """Fill in the classes (ADNI's, or a plain folder's when class conditioning asks for them) and the slice
+    positions that the files' names carry; returns the first name without a position, or None."""
+    if layout == "adni" or wants_class:
+        data.classes, data.train_labels, data.val_labels = class_labels(train_names, val_names, layout)
+    (train, unnamed), (val, unnamed_val) = (slice_positions(names, layout) for names in (train_names, val_names))
+    if unnamed is None and unnamed_val is None:
+        data.train_positions, data.val_positions = train, val
+    return unnamed or unnamed_val
+
+
+def check_conditions(data, cfg, unnamed):
+    """A UserError when CONDITION asks for classes, or slice positions, that the data lacks (unnamed: a file whose
+    name carries no position)."""
+    wants_class, wants_slice = utils.conditions_of(cfg)
+    if wants_class and len(data.classes) < 2:
+        raise UserError(f"class conditioning needs images in two or more class folders (ADNI's AD_NC/train/AD and "
+                        f"NC, or one sub-folder per class), but {_show(data.root)} has "
+                        f"{'only ' + data.classes[0] if data.classes else 'none'}: use --condition "
+                        f"{'slice' if wants_slice else 'none'}, or sort the images into class folders")
+    if wants_slice and data.train_positions is None:
+        raise UserError(f"slice conditioning needs each file's slice number in its name (OASIS case_NNN_slice_K, "
+                        f"ADNI SUBJECT_K), but {_show(os.path.join(data.root, unnamed))} has none: use "
+                        f"--condition {'class' if wants_class else 'none'}, or rename the files")
 
 
 def main():

@@ -1,5 +1,6 @@
-"""The built-in demo set: axial slices of the MNI ICBM152 brain template that nilearn ships, each seen through
-its own random deformation, written in the OASIS layout so that dataset.py reads it like real data."""
+"""The built-in demo sets: axial slices of the MNI ICBM152 brain template that nilearn ships, each seen through
+its own random deformation, written in the OASIS layout (unlabelled) or the ADNI layout (AD/NC, with simulated
+atrophy for 'AD'), so that dataset.py reads them like real data."""
 import math
 import os
 import time
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset import OASIS, WORKERS, _show
+from dataset import ADNI_CLASSES, OASIS, WORKERS, _show
 
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"  # MNI ICBM152 2009 maps shipped with nilearn
 DEMO_FILL = 0.8  # demo: share of the frame the largest brain slice spans
@@ -18,11 +19,18 @@ DEMO_PER_CASE = 32  # demo: slices per case, spread through the brain like OASIS
 DEMO_MIN_AREA = 0.5  # demo: slices whose brain area is at least this share of the largest
 DEMO_FIELD = 64  # demo: resolution of the deformation and bias fields, bilinearly upsampled
 DEMO_CHUNK = 64  # demo: slices deformed at once
+LABELLED_SUBJECTS = (48, 10)  # labelled demo: subjects per class in train and in test
+LABELLED_SLICES = 24  # labelled demo: slices per subject, spread through the brain
+ATROPHY_MIN = 0.35  # labelled demo: 'AD' subjects' atrophy severity is uniform in [ATROPHY_MIN, 1]; 'NC' have none
+VENTRICLE_MM = 6  # atrophy at severity 1: ventricles grow by this much into the tissue around them
+CORTEX_MM = 3  # atrophy at severity 1: the cortex recedes by this much from the CSF and the outside (wider sulci)
+BRAIN_SHRINK = 0.06  # atrophy at severity 1: the whole brain is this much smaller
 
 
 def _template(size):
-    """The MNI ICBM152 T1 and its labels (0 background, 1 CSF, 2 GM, 3 WM) as Z x 2 x Y x X axial slices,
-    nose up and radiological, cropped to the brain where it is large; and the millimetres per demo pixel."""
+    """The MNI ICBM152 T1, its labels (0 background, 1 CSF, 2 GM, 3 WM), a mask of the lateral ventricles and one
+    of the outer 12 mm of the brain (where the cortex is) as Z x 4 x Y x X axial slices, nose up and radiological,
+    cropped to the brain where it is large; and the millimetres per demo pixel."""
     import nibabel
     import nilearn
     from scipy import ndimage
@@ -34,7 +42,11 @@ def _template(size):
     t1 *= ndimage.binary_dilation(gm + wm > 0.3, iterations=3)  # strip any skull (a no-op: this T1 is stripped)
     brain = ndimage.binary_fill_holes(t1 > 0.02, structure=in_plane)
     labels = np.where(brain, 1 + np.argmax(np.stack([brain - gm - wm, gm, wm]), 0), 0)
-    vol = np.stack([t1, labels]).transpose(3, 0, 2, 1)[:, :, ::-1, ::-1]  # Z x 2 x Y x X, anterior up, right left
+    outer = ndimage.distance_transform_edt(brain) <= 12  # the outer 12 mm, in millimetres from the surface
+    deep_csf = brain & ~outer & (gm + wm < 0.7) & (ndimage.uniform_filter(wm, 7) > ndimage.uniform_filter(gm, 7))
+    parts, n = ndimage.label(deep_csf)  # CSF deep in white matter: its two big pieces are the lateral ventricles
+    ventricles = np.isin(parts, 1 + np.nonzero(ndimage.sum(deep_csf, parts, range(1, n + 1)) > 500)[0])
+    vol = np.stack([t1, labels, ventricles, brain & outer]).transpose(3, 0, 2, 1)[:, :, ::-1, ::-1]  # anterior up
     area = (vol[:, 1] > 0).sum((1, 2))
     z = np.nonzero(area >= DEMO_MIN_AREA * area.max())[0]
     vol = vol[z[0]:z[-1] + 1]
@@ -43,8 +55,35 @@ def _template(size):
     return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)), max(vol.shape[2:]) / (DEMO_FILL * size)
 
 
-def _demo_slices(vol, z, g, size, mm):
-    """Deformed axial slices at positions z (voxels): uint8 images and 4-level masks, len(z) x size x size."""
+def _grow(mask, step):
+    """The mask grown by one pixel: a square step, or a cross one (alternating, they grow it as an octagon)."""
+    kernel = torch.ones(1, 1, 3, 3) if step % 2 else torch.tensor([[[[0.0, 1, 0], [1, 1, 1], [0, 1, 0]]]])
+    return F.conv2d(mask[:, None].float(), kernel, padding=1)[:, 0] > 0
+
+
+def _atrophy(planes, severity):
+    """Alzheimer's-like atrophy of template planes (N x 4 x Y x X, 1 mm pixels) of the given severities in [0, 1]:
+    ventricles grown by up to VENTRICLE_MM, and the cortex given up to the sulci and the outside by up to CORTEX_MM
+    (wider sulci, a thinner cortex); the tissue lost becomes CSF, or background at the brain's surface."""
+    t1, labels, ventricles, cortex = planes[:, 0], planes[:, 1], planes[:, 2] > 0.5, planes[:, 3] > 0.5
+    csf = t1[ventricles].quantile(0.1)  # CSF proper, without the partial volume at the ventricles' edges
+    sulci, outside = (labels == 1) & cortex, labels == 0
+    for mm in range(max(VENTRICLE_MM, CORTEX_MM)):
+        ventricles |= (mm < severity * VENTRICLE_MM)[:, None, None] & _grow(ventricles, mm) & (labels >= 2)
+        thinning = (mm < severity * CORTEX_MM)[:, None, None] & cortex
+        sulci |= thinning & _grow(sulci, mm) & (labels == 2)
+        outside |= thinning & _grow(outside, mm) & (labels >= 1)
+    blur = lambda mask: F.avg_pool2d(mask[:, None].float(), 3, 1, 1)[:, 0]  # noqa: E731  soft edges
+    lost = (sulci & (labels >= 2)) | (ventricles & (labels >= 1) & (severity > 0)[:, None, None])  # all CSF now
+    to_csf, to_outside = blur(lost), blur(outside & (labels >= 1))
+    t1 = (t1 * (1 - to_csf) + csf * to_csf) * (1 - to_outside)
+    labels = torch.where(outside, 0.0, torch.where(lost, 1.0, labels))
+    return torch.stack([t1, labels, ventricles.float(), cortex.float()], 1)
+
+
+def _demo_slices(vol, z, g, size, mm, severity=None):
+    """Deformed axial slices at positions z (voxels), with atrophy of the given severities: uint8 images and 4-level
+    masks, len(z) x size x size."""
     n, (_, _, ny, nx) = len(z), vol.shape
     u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)
     smooth = lambda std, k: F.interpolate(torch.randn(n, 2, k, k, generator=g) * std, size=(DEMO_FIELD,) * 2,
@@ -53,14 +92,16 @@ def _demo_slices(vol, z, g, size, mm):
     angle = u(-10, 10) * math.pi / 180  # rotation, zoom (a little more on one axis) and shift
     rot = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1).view(n, 2, 2)
     rot = rot / (u(0.9, 1.1, 1, 1) * u(0.95, 1.05, 2, 1)) * (size - 1) / 2 * mm
+    if severity is not None:  # an atrophied brain is smaller
+        rot = rot / (1 - BRAIN_SHRINK * severity).view(n, 1, 1)
     theta = torch.cat([rot, u(-3, 3, 2, 1)], 2) * to_grid
     field = F.affine_grid(theta, [n, 1, DEMO_FIELD, DEMO_FIELD], align_corners=True).permute(0, 3, 1, 2)
     field = field + smooth(3.0, 5) * to_grid[..., None]  # elastic: a coarse random displacement grid (mm)
     field = torch.cat([field, smooth(0.1, 4)[:, :1]], 1)  # and a log bias field
     field = F.interpolate(field, size=(size, size), mode="bilinear", align_corners=True)
-    planes = vol[z.round().long()]
+    planes = vol[z.round().long()] if severity is None else _atrophy(vol[z.round().long()], severity)
     t1 = F.grid_sample(planes[:, :1], field[:, :2].permute(0, 2, 3, 1), align_corners=True)[:, 0]
-    labels = F.grid_sample(planes[:, 1:], field[:, :2].permute(0, 2, 3, 1), mode="nearest", align_corners=True)[:, 0]
+    labels = F.grid_sample(planes[:, 1:2], field[:, :2].permute(0, 2, 3, 1), mode="nearest", align_corners=True)[:, 0]
     img = t1.clamp(0, 1) ** u(1.1, 1.8, 1, 1) * u(0.9, 1.15, 1, 1) * field[:, 2].exp()  # gamma, contrast, bias
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), (labels * 85).to(torch.uint8)  # OASIS mask levels
 
@@ -89,3 +130,30 @@ def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
     with open(os.path.join(out_dir, "DONE"), "w") as f:  # written last: a half-built demo is rebuilt
         f.write(f"MNI ICBM152 demo: {n_train} train, {n_val} validate, {n_test} test, {size}px, seed {seed}\n")
     print(f"built the demo: {n_train} train, {n_val} validate, {n_test} test slices in {time.time() - start:.0f} s")
+
+
+def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLICES, size=256, seed=0):
+    """Write an ADNI-like labelled set, AD_NC/{train,test}/{AD,NC}/SUBJECT_K.png, from the MNI ICBM152 template:
+    'AD' subjects carry simulated atrophy of graded severity, 'NC' subjects none. K is the template slice number."""
+    start = time.time()
+    print(f"building the labelled demo set (simulated AD/NC) into {_show(out_dir)} (first run only)...", flush=True)
+    vol, mm = _template(size)
+    g = torch.Generator().manual_seed(seed)
+    save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)  # noqa: E731
+    subject = 100_000
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for split, per_class in zip(("train", "test"), subjects):
+            for label, name in enumerate(ADNI_CLASSES):
+                folder = os.path.join(out_dir, "AD_NC", split, name)
+                os.makedirs(folder, exist_ok=True)
+                for _ in range(per_class):
+                    subject += 1
+                    severity = ATROPHY_MIN + (1 - ATROPHY_MIN) * torch.rand((), generator=g) if name == "AD" else 0
+                    band = len(vol) // slices  # one slice in each of `slices` bands from bottom to top, all different
+                    z = (torch.arange(slices) * len(vol) / slices).floor() + torch.randint(band, (slices,), generator=g)
+                    imgs, _ = _demo_slices(vol, z, g, size, mm, torch.full((slices,), float(severity)))
+                    list(pool.map(save, imgs, [os.path.join(folder, f"{subject}_{int(v)}.png") for v in z]))
+    with open(os.path.join(out_dir, "DONE"), "w") as f:  # written last: a half-built demo is rebuilt
+        f.write(f"MNI ICBM152 labelled demo (simulated atrophy): {subjects} subjects per class, {slices} slices, "
+                f"{size}px, seed {seed}\n")
+    print(f"built the labelled demo: {2 * sum(subjects) * slices} slices in {time.time() - start:.0f} s")

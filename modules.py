@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import UserError, conditions_of
+
+SLICE_SCALE = 30  # slice positions in [0, 1] are embedded like timesteps in [0, 30]: at most 5 cycles, smooth between slices
 
 
 def groups(ch):
@@ -79,12 +81,13 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """eps/v/x0 predictor: `UNet(...)(x_t, t)` keeps the input's shape.
 
-    `num_classes` adds a label embedding (with one extra 'null' label, index num_classes,
-    for classifier-free guidance); then call `model(x_t, t, y)`.
+    `num_classes` adds a class embedding and `slice_positions` a sinusoidal embedding of the slice position in
+    [0, 1]; both are added to the time embedding. Call `model(x_t, t, y, s)`: a class index of -1, a position of
+    NaN, or None for all, means 'not given' (a learned entry of its own, which classifier-free guidance uses).
     """
 
     def __init__(self, image_size=128, channels=1, base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                 attn_resolutions=(16,), num_heads=4, dropout=0.0, num_classes=0):
+                 attn_resolutions=(16,), num_heads=4, dropout=0.0, num_classes=0, slice_positions=False):
         super().__init__()
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:
@@ -95,7 +98,15 @@ class UNet(nn.Module):
         self.base_channels, self.num_classes = base_channels, num_classes
         emb_dim = max(128, 4 * base_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None  # last entry: no class
+        self.slice_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
+                                       nn.Linear(emb_dim, emb_dim)) if slice_positions else None
+        self.no_slice = nn.Parameter(torch.zeros(emb_dim)) if slice_positions else None
+        if num_classes:
+            nn.init.zeros_(self.label_emb.weight)  # conditions start as no-ops and are learned from there
+        if slice_positions:
+            nn.init.zeros_(self.slice_mlp[-1].weight)
+            nn.init.zeros_(self.slice_mlp[-1].bias)
         self.stem = nn.Conv2d(channels, base_channels, 3, padding=1)
 
         self.down, skips, ch = nn.ModuleList(), [base_channels], base_channels
@@ -123,11 +134,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, s=None):
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
-            y = torch.full_like(t, self.num_classes) if y is None else y  # no label: the 'null' class
-            emb = emb + self.label_emb(y)
+            y = torch.full_like(t, -1) if y is None else y
+            emb = emb + self.label_emb(torch.where(y < 0, self.num_classes, y))
+        if self.slice_mlp is not None:
+            s = torch.full(t.shape, math.nan, device=t.device) if s is None else s
+            given = self.slice_mlp(timestep_embedding(SLICE_SCALE * s.nan_to_num(), self.base_channels))
+            emb = emb + torch.where(s.isnan()[:, None], self.no_slice.to(given.dtype), given)
         h = self.stem(x)
         hs = [h]
         for layer in self.down:
@@ -141,6 +156,59 @@ class UNet(nn.Module):
 
 
 def build_model(cfg, num_classes=0):
-    """The U-Net described by a configuration dict (the constants of utils.py)."""
+    """The U-Net described by a configuration dict (the constants of utils.py) and the number of classes."""
     return UNet(cfg["IMAGE_SIZE"], cfg["CHANNELS"], cfg["BASE_CHANNELS"], tuple(cfg["CHANNEL_MULT"]),
-                cfg["NUM_RES_BLOCKS"], tuple(cfg["ATTN_RESOLUTIONS"]), cfg["NUM_HEADS"], cfg["DROPOUT"], num_classes)
+                cfg["NUM_RES_BLOCKS"], tuple(cfg["ATTN_RESOLUTIONS"]), cfg["NUM_HEADS"], cfg["DROPOUT"], num_classes,
+                conditions_of(cfg)[1])
+
+
+def guided_output(model, x, t, y=None, s=None, scale=1.0):
+    """The model's output under classifier-free guidance, uncond + scale * (cond - uncond), the pair in one batched
+    call; scale 0 is the unconditional model, 1 the conditional one. y and s as for UNet.forward."""
+    if scale == 0:
+        return model(x, t).float()
+    if scale == 1 or (y is None and s is None):
+        return model(x, t, y, s).float()
+    pair_y = None if y is None else torch.cat([y, torch.full_like(y, -1)])
+    pair_s = None if s is None else torch.cat([s, torch.full_like(s, math.nan)])
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), pair_y, pair_s).float().chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+class Denoiser:
+    """What the samplers call, net(x_t, t): the model under guidance for fixed conditions, in bf16 on CUDA."""
+
+    def __init__(self, model, y=None, s=None, guidance=1.0):
+        self.model, self.y, self.s, self.guidance = model, y, s, guidance
+
+    def __call__(self, x, t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            return guided_output(self.model, x.contiguous(memory_format=torch.channels_last), t, self.y, self.s,
+                                 self.guidance)
+
+
+class Probe(nn.Module):
+    """A small CNN that reads a slice (any size, resized to `size`): its features, and from them class logits,
+    the slice position, and which of four quarter turns the slice was given (a task that needs no labels)."""
+
+    def __init__(self, num_classes=0, size=64, widths=(16, 32, 64, 128)):
+        super().__init__()
+        self.size, layers, ch = size, [], 1
+        for w in widths:  # BatchNorm, not GroupNorm: it keeps each image's own brightness and contrast
+            layers += [nn.Conv2d(ch, w, 3, padding=1), nn.BatchNorm2d(w), nn.SiLU(),
+                       nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.SiLU(), nn.AvgPool2d(2)]
+            ch = w
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classes = nn.Linear(ch, num_classes) if num_classes else None
+        self.position = nn.Linear(ch, 1)
+        self.turn = nn.Linear(ch, 4)
+
+    def features(self, x):
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="area" if x.shape[-1] > self.size else "bilinear")
+        return self.body(x)
+
+    def forward(self, x):
+        """(features, class logits or None, position in [0, 1] (unbounded outside), quarter-turn logits)."""
+        f = self.features(x)
+        return f, self.classes(f) if self.classes is not None else None, self.position(f)[:, 0], self.turn(f)

@@ -3,25 +3,29 @@
     python predict.py                              # NUM_SAMPLES images from OUTPUT_DIR/checkpoint.pt
     python predict.py --sampler ddim --sample-steps 50
     python predict.py --input my_slices/ --strength 0.5   # noise given images part-way, then denoise them
+    python predict.py --label AD --slice-position 0.4:0.7 # a conditional model: AD-like slices from mid-brain
+    python predict.py --slice-sweep 16 --tstr 512         # one noise through 16 heights; train-on-synthetic test
 """
 import json
-import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torchvision.utils import make_grid
 
 import dataset
+import evaluate
 import utils
-from modules import build_model
+from modules import Denoiser, build_model
 from utils import UserError
 
 PROCESS_ROWS = 6  # samples shown in process.png / process.gif
 PROCESS_COLUMNS = 10  # evenly spaced steps in process.png
 GIF_FRAMES = 40  # frames of process.gif
-SSIM_KERNEL = 7  # Gaussian window of SSIM / MS-SSIM (small images need a small one)
-DIVERSITY_PAIRS = 200  # random pairs for the MS-SSIM diversity figures
+CONDITION_COLUMNS = 8  # conditions.png: slice positions (or samples) per class
+SWEEP_FIELD_MM = 200  # slice_sweep.nii.gz: the width of the frame, in millimetres (nominal, for viewers)
+SWEEP_HEIGHT_MM = 120  # slice_sweep.nii.gz: the height slice positions 0 to 1 span, in millimetres (nominal)
 
 
 def load_model(path, use_ema, device):
@@ -38,53 +42,199 @@ def load_model(path, use_ema, device):
     return model, schedule, cfg, classes, state.get("step", 0)
 
 
-def make_net(model, device, labels=None, guidance=1.0, compile_model=False):
-    """model(x_t, t) for the samplers: bf16 on CUDA, classifier-free guidance when labels are given."""
-    net = torch.compile(model) if compile_model else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+# ---------------------------------------------------------------- what the user asks for
+def parse_settings():
+    """The run's settings (constants and flags, checked) and predict.py's own flags."""
+    parser = utils.build_parser(__doc__)
+    parser.add_argument("--checkpoint", help="checkpoint to load (default: OUTPUT_DIR/checkpoint.pt)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    parser.add_argument("--input", help="denoise the images in this folder (default: a few held-out images)")
+    parser.add_argument("--strength", type=float, default=0.5, help="noise level for denoising, in (0, 1]")
+    parser.add_argument("--no-metrics", action="store_true", help="skip metrics.json")
+    parser.add_argument("--label", help="class-conditional models: a class name or index, or 'all' to cycle through "
+                                        "the classes (default: all)")
+    parser.add_argument("--slice-position", help="slice-conditional models: a position F in [0, 1] (bottom to top), "
+                                                 "or A:B, spread evenly over the samples (default: 0:1)")
+    parser.add_argument("--slice-sweep", type=int, default=0, metavar="N",
+                        help="slice-conditional models: also take one noise through N positions (PNG, GIF, .nii.gz)")
+    parser.add_argument("--tstr", type=int, default=0, metavar="N",
+                        help="class-conditional models: also train a classifier on N labelled samples and test it "
+                             "on the real held-out slices")
+    args = parser.parse_args()
+    return utils.check_config(utils.config_from_args(args)), args
 
-    def call(x, t):
-        with autocast:
-            if labels is None:
-                return net(x.contiguous(memory_format=torch.channels_last), t)
-            n = len(x)
-            y = torch.cat([labels[:n], torch.full_like(labels[:n], model.num_classes)])
-            cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), y).float().chunk(2)
-            return uncond + guidance * (cond - uncond)
-    return call
+
+def chosen_classes(label, classes):
+    """The class indices --label asks for: all of them by default."""
+    if label is None or label == "all":
+        return list(range(len(classes)))
+    if not classes:
+        raise UserError(f"--label {label}: this model was not trained with class conditioning (train with "
+                        f"--condition class or class+slice)")
+    if label in classes:
+        return [classes.index(label)]
+    if label.isdigit() and int(label) < len(classes):
+        return [int(label)]
+    raise UserError(f"--label {label} is not one of this model's classes: {', '.join(classes)} (or 0-"
+                    f"{len(classes) - 1}, or all)")
 
 
-def generate(net, schedule, cfg, run, device, out):
-    """NUM_SAMPLES images in batches; returns them and the snapshots of the first batch's process."""
-    gen = torch.Generator(device=device).manual_seed(run["SEED"])
-    size, samples, frames = cfg["IMAGE_SIZE"], [], []
-    for start in range(0, run["NUM_SAMPLES"], run["SAMPLE_BATCH"]):
-        n = min(run["SAMPLE_BATCH"], run["NUM_SAMPLES"] - start)
-        x = torch.randn((n, cfg["CHANNELS"], size, size), generator=gen, device=device)
+def chosen_positions(text, by_slice):
+    """(A, B) from --slice-position F or A:B (default 0:1); None for a model without slice conditioning."""
+    if text is None:
+        return (0.0, 1.0) if by_slice else None
+    if not by_slice:
+        raise UserError(f"--slice-position {text}: this model was not trained with slice conditioning (train with "
+                        f"--condition slice or class+slice)")
+    try:
+        ends = [float(v) for v in text.split(":")]
+    except ValueError:
+        ends = []
+    if len(ends) not in (1, 2) or not all(0 <= v <= 1 for v in ends):
+        raise UserError(f"--slice-position {text}: give a position in [0, 1] (0 bottom, 1 top) or a range A:B")
+    return ends[0], ends[-1]
+
+
+def check_extras(args, classes, by_slice):
+    """--slice-sweep and --tstr only make sense for models with the matching condition."""
+    if args.slice_sweep and not by_slice:
+        raise UserError("--slice-sweep: this model was not trained with slice conditioning")
+    if args.tstr and not classes:
+        raise UserError("--tstr: this model was not trained with class conditioning")
+    if args.slice_sweep < 0 or args.tstr < 0:
+        raise UserError("--slice-sweep and --tstr take a number of samples, 0 or more")
+
+
+# ---------------------------------------------------------------- sampling
+@dataclass
+class Sampling:
+    """A trained model and how this run samples from it."""
+    net: torch.nn.Module  # the model, compiled where COMPILE asks
+    schedule: utils.NoiseSchedule
+    cfg: dict  # the checkpoint's configuration
+    run: dict  # this run's settings, with the chosen classes and positions
+    device: torch.device
+
+    def noise(self, n, gen):
+        return torch.randn((n, self.cfg["CHANNELS"], self.cfg["IMAGE_SIZE"], self.cfg["IMAGE_SIZE"]), generator=gen,
+                           device=self.device)
+
+    def sample(self, noise, y=None, s=None, callback=None, generator=None):
+        """Samples from the given starting noise for conditions y, s (None: not given), with the run's sampler."""
+        to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
+        run = self.run
+        return self.schedule.sample(Denoiser(self.net, to(y), to(s), run["GUIDANCE"]), sampler=run["SAMPLER"],
+                                    steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noise, generator=generator,
+                                    device=self.device, callback=callback, spacing=run["STEP_SPACING"]).float().cpu()
+
+
+def generate(sampling, n, out, y=None, s=None):
+    """n images in batches of SAMPLE_BATCH for conditions y, s, saved one by one and as grid.png; returns them and
+    the snapshots of the first batch's process."""
+    gen = torch.Generator(device=sampling.device).manual_seed(sampling.run["SEED"])
+    batch, samples, frames = sampling.run["SAMPLE_BATCH"], [], []
+    for start in range(0, n, batch):
+        x = sampling.noise(min(batch, n - start), gen)
         if not start:  # the first batch's process, from its noise on
             frames.append(x[:PROCESS_ROWS].cpu())
         keep = (lambda i, total, x_t, x0: frames.append(x_t[:PROCESS_ROWS].float().cpu())) if not start else None
-        x = schedule.sample(net, sampler=run["SAMPLER"], steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=x,
-                            generator=gen, device=device, callback=keep, spacing=run["STEP_SPACING"])
-        samples.append(x.float().cpu())
+        part = [None if c is None else c[start:start + len(x)] for c in (y, s)]
+        samples.append(sampling.sample(x, *part, callback=keep, generator=gen))
     samples = torch.cat(samples)
+    os.makedirs(out, exist_ok=True)
     for i, img in enumerate(samples):
         utils.save_png(img, os.path.join(out, f"sample_{i:03d}.png"))
     utils.save_png(samples, os.path.join(out, "grid.png"))
     return samples, frames
 
 
+def same_noise(sampling, y, s):
+    """One sample per (y, s) pair, all from the same noise and the same noise on the way (seed SEED)."""
+    images = []
+    for i in range(len(s)):
+        gen = torch.Generator(device=sampling.device).manual_seed(sampling.run["SEED"])
+        images.append(sampling.sample(sampling.noise(1, gen), None if y is None else y[i:i + 1], s[i:i + 1],
+                                      generator=gen))
+    return torch.cat(images)
+
+
+# ---------------------------------------------------------------- pictures
 def save_process(states, out):
     """process.png: rows are samples, columns evenly spaced steps from noise to image; process.gif."""
-    from PIL import Image
     cols = [states[round(i * (len(states) - 1) / (PROCESS_COLUMNS - 1))] for i in range(PROCESS_COLUMNS)]
     rows = torch.stack(cols, dim=1).flatten(0, 1)  # sample-major: each row is one sample's process
     utils.save_png(rows, os.path.join(out, "process.png"), nrow=PROCESS_COLUMNS)
     picks = [states[round(i * (len(states) - 1) / (GIF_FRAMES - 1))] for i in range(GIF_FRAMES)]
-    gif = [Image.fromarray((utils.to_unit(make_grid(x, nrow=len(x), padding=2)[0]) * 255).byte().numpy())
-           for x in picks]
-    gif[0].save(os.path.join(out, "process.gif"), save_all=True, append_images=gif[1:] + [gif[-1]] * 10,
-                duration=80, loop=0)
+    save_gif([make_grid(x, nrow=len(x), padding=2)[:1] for x in picks] + [make_grid(picks[-1], nrow=len(picks[-1]),
+                                                                                   padding=2)[:1]] * 10,
+             os.path.join(out, "process.gif"))
+
+
+def save_gif(frames, path, duration=80):
+    """[-1, 1] images (1 x H x W) as a looping GIF."""
+    from PIL import Image
+    gif = [Image.fromarray((utils.to_unit(f[0]) * 255).byte().numpy()) for f in frames]
+    gif[0].save(path, save_all=True, append_images=gif[1:], duration=duration, loop=0)
+
+
+def save_labelled_grid(images, row_names, column_names, path, title):
+    """A grid of [-1, 1] images (rows x columns, row-major) with its rows and columns named."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, cols = len(row_names), len(column_names)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.8, 1.3 * rows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.imshow(utils.to_unit(images[i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i % cols == 0:
+            ax.set_ylabel(row_names[i // cols])
+        if i >= (rows - 1) * cols:
+            ax.set_xlabel(column_names[i % cols])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def conditions_grid(sampling, classes, by_slice, out):
+    """conditions.png: rows are the classes, columns slice positions from bottom to top (or more samples)."""
+    rows = classes or ["any class"]
+    positions = torch.linspace(0.05, 0.95, CONDITION_COLUMNS) if by_slice else None
+    y = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if classes else None
+    s = positions.repeat(len(rows)) if by_slice else None
+    gen = torch.Generator(device=sampling.device).manual_seed(sampling.run["SEED"])
+    images = sampling.sample(sampling.noise(len(rows) * CONDITION_COLUMNS, gen), y, s, generator=gen)
+    columns = [f"{p:.2f}" for p in positions.tolist()] if by_slice else [str(i + 1) for i in range(CONDITION_COLUMNS)]
+    save_labelled_grid(images, rows, columns, os.path.join(out, "conditions.png"),
+                       ("slice position, bottom to top" if by_slice else "samples")
+                       + f" (guidance {sampling.run['GUIDANCE']:g})")
+
+
+def to_ras(slices):
+    """Axial slices as displayed here (N x S x S: anterior up, the patient's right on the left) as an
+    S x S x N array whose axes run to the right, anterior and superior (RAS+, what NIfTI viewers expect)."""
+    return slices.flip(1, 2).permute(2, 1, 0).numpy()
+
+
+def slice_sweep(sampling, classes, n, out):
+    """One starting noise through n slice positions, for each chosen class: slice_sweep.png (rows are the
+    classes), slice_sweep.gif, and slice_sweep[_CLASS].nii.gz stacks that open in an MRI viewer."""
+    import nibabel
+    chosen = sampling.run["classes"]
+    names = [classes[c] for c in chosen] if classes else [None]
+    y = torch.tensor(chosen).repeat_interleave(n) if classes else None
+    images = same_noise(sampling, y, torch.linspace(0, 1, n).repeat(len(names)))
+    strips = images.view(len(names), n, *images.shape[1:])
+    utils.save_png(images, os.path.join(out, "slice_sweep.png"), nrow=n)
+    save_gif([make_grid(strips[:, i], nrow=len(names), padding=2)[:1] for i in range(n)],
+             os.path.join(out, "slice_sweep.gif"), duration=150)
+    pixel, step = SWEEP_FIELD_MM / sampling.cfg["IMAGE_SIZE"], SWEEP_HEIGHT_MM / max(1, n - 1)
+    for name, strip in zip(names, strips):
+        volume = (utils.to_unit(strip[:, 0]) * 255).round().to(torch.uint8)
+        nibabel.save(nibabel.Nifti1Image(to_ras(volume), torch.diag(torch.tensor([pixel, pixel, step, 1])).numpy()),
+                     os.path.join(out, f"slice_sweep{'_' + name if name else ''}.nii.gz"))
 
 
 def denoise(net, schedule, images, run, strength, device, out):
@@ -105,94 +255,59 @@ def denoise(net, schedule, images, run, strength, device, out):
     return result
 
 
-def nearest(a, b, device):
-    """For each image of a, the index and RMSE of its nearest image (L2) in b; both [0, 1]."""
-    a2 = a.flatten(1).to(device)
-    best_d, best_i = torch.full((len(a),), float("inf"), device=device), torch.zeros(len(a), dtype=torch.long,
-                                                                                       device=device)
-    for s in range(0, len(b), 4096):
-        bb = b[s:s + 4096].flatten(1).to(device).float() / 255
-        d = (a2.square().sum(1, keepdim=True) - 2 * a2 @ bb.T + bb.square().sum(1)).clamp(min=0)
-        dmin, imin = d.min(1)
-        better = dmin < best_d
-        best_d, best_i = torch.where(better, dmin, best_d), torch.where(better, imin + s, best_i)
-    return best_i.cpu(), (best_d / a2.shape[1]).sqrt().cpu()
-
-
-def ms_ssim_pairs(x, gen):
-    """Mean MS-SSIM over random pairs of distinct images: lower means more diverse."""
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
-    i = torch.randint(0, len(x), (DIVERSITY_PAIRS,), generator=gen)
-    j = (i + torch.randint(1, len(x), (DIVERSITY_PAIRS,), generator=gen)) % len(x)
-    scales = max(1, min(5, int(math.log2(x.shape[-1] / (SSIM_KERNEL - 1))) + 1))
-    betas = torch.tensor((0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales])
-    return ms_ssim(x[i], x[j], data_range=1.0, kernel_size=SSIM_KERNEL, betas=tuple((betas / betas.sum()).tolist()),
-                   normalize="relu").item()
-
-
-def metrics(samples, data, device):
-    """Fidelity (SSIM/PSNR to the nearest held-out image), diversity (MS-SSIM), and memorisation checks."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-    fake = utils.to_unit(samples)
-    heldout = data.val.float() / 255
-    idx, _ = nearest(fake, data.val, device)
-    ssim = structural_similarity_index_measure(fake, heldout[idx], data_range=1.0, kernel_size=SSIM_KERNEL,
-                                               reduction="none")
-    psnr = peak_signal_noise_ratio(fake, heldout[idx], data_range=1.0, reduction="none", dim=(1, 2, 3))
-    _, fake_to_train = nearest(fake, data.train, device)
-    _, real_to_train = nearest(heldout[:len(fake) * 4], data.train, device)
-    copy_threshold = torch.quantile(real_to_train, 0.05).item()  # closer than 95% of unseen real images
-    gen = torch.Generator().manual_seed(0)
-    return {"num_samples": len(fake), "heldout_images": len(heldout),
-            "ssim_to_nearest_heldout": ssim.mean().item(), "psnr_to_nearest_heldout": psnr.mean().item(),
-            "ms_ssim_between_samples": ms_ssim_pairs(fake, gen) if len(fake) > 1 else None,
-            "ms_ssim_between_real": ms_ssim_pairs(heldout, gen) if len(heldout) > 1 else None,
-            "rmse_sample_to_nearest_train": fake_to_train.mean().item(),
-            "rmse_heldout_to_nearest_train": real_to_train.mean().item(),
-            "possible_copies": int((fake_to_train < copy_threshold).sum())}
+# ---------------------------------------------------------------- measuring
+def measure(sampling, samples, cond, data, tstr):
+    """metrics.json's figures: fidelity, diversity and memorisation; for conditional models the probe's reading of
+    the conditions asked for (cond); with tstr > 0 the train-on-synthetic test on that many new samples."""
+    result = evaluate.metrics(samples, data, sampling.device)
+    if any(c is not None for c in cond):
+        result.update(evaluate.control(samples, *cond, data, sampling.device))
+    if tstr:
+        y, s = utils.spread_conditions(tstr, list(range(len(data.classes))), sampling.run["positions"])
+        images, _ = generate(sampling, tstr, os.path.join(sampling.run["OUTPUT_DIR"], "predict", "tstr"), y, s)
+        result.update(evaluate.train_on_synthetic(images, y, data, sampling.device))
+    return result
 
 
 def main():
-    parser = utils.build_parser(__doc__)
-    parser.add_argument("--checkpoint", help="checkpoint to load (default: OUTPUT_DIR/checkpoint.pt)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
-    parser.add_argument("--input", help="denoise the images in this folder (default: a few held-out images)")
-    parser.add_argument("--strength", type=float, default=0.5, help="noise level for denoising, in (0, 1]")
-    parser.add_argument("--no-metrics", action="store_true", help="skip metrics.json")
-    args = parser.parse_args()
-    run = utils.check_config(utils.config_from_args(args))
+    run, args = parse_settings()
     device = utils.get_device()
     path = args.checkpoint or os.path.join(run["OUTPUT_DIR"], "checkpoint.pt")
     model, schedule, cfg, classes, step = load_model(path, not args.no_ema, device)
+    by_slice = utils.conditions_of(cfg)[1]
+    run.update(classes=chosen_classes(args.label, classes), positions=chosen_positions(args.slice_position, by_slice))
+    check_extras(args, classes, by_slice)
+    cond = utils.spread_conditions(run["NUM_SAMPLES"], run["classes"], run["positions"])
     out = os.path.join(run["OUTPUT_DIR"], "predict")
-    os.makedirs(out, exist_ok=True)
-    labels = (torch.arange(max(run["NUM_SAMPLES"], run["SAMPLE_BATCH"]), device=device) % len(classes)
-              if classes else None)
-    net = make_net(model, device, labels, run["GUIDANCE"], utils.wants_compile(run, device))
-    print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with "
-          f"{cfg['TIMESTEPS'] if run['SAMPLER'] == 'ddpm' else run['SAMPLE_STEPS']} steps, {device}")
+    sampling = Sampling(torch.compile(model) if utils.wants_compile(run, device) else model, schedule, cfg, run, device)
+    steps = cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"]
+    print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with {steps} steps, {device}"
+          + (f", condition {cfg['CONDITION']} (guidance {run['GUIDANCE']:g})" if classes or by_slice else ""))
 
     started = time.perf_counter()
-    samples, frames = generate(net, schedule, cfg, run, device, out)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    samples, frames = generate(sampling, run["NUM_SAMPLES"], out, *cond)
     seconds = time.perf_counter() - started
     print(f"{len(samples)} samples in {seconds:.1f} s ({len(samples) / seconds:.2f} images/s) -> {out}/grid.png")
     save_process(frames, out)
+    if classes or by_slice:
+        conditions_grid(sampling, classes, by_slice, out)
+        print(f"samples by condition -> {out}/conditions.png")
+    if args.slice_sweep:
+        slice_sweep(sampling, classes, args.slice_sweep, out)
+        print(f"one noise through {args.slice_sweep} slice positions -> {out}/slice_sweep.png, .gif, .nii.gz")
 
     data = None
     if args.input is None or not args.no_metrics:
         data_cfg = dict(cfg, DATA_DIR=run["DATA_DIR"] if run["DATA_DIR"] != utils.DATA_DIR else cfg["DATA_DIR"])
         data = dataset.load_data(data_cfg)
     images = dataset.read_folder(args.input, cfg["IMAGE_SIZE"]) if args.input else data.val[:8]
-    denoise(make_net(model, device, labels, run["GUIDANCE"]), schedule, images[:run["SAMPLE_BATCH"]], run,
-            args.strength, device, out)
+    denoise(Denoiser(model), schedule, images[:run["SAMPLE_BATCH"]], run, args.strength, device, out)
     print(f"denoised {min(len(images), run['SAMPLE_BATCH'])} images at strength {args.strength} -> {out}/denoise.png")
 
     if not args.no_metrics:
-        result = metrics(samples, data, device)
-        result.update(sampler=run["SAMPLER"], steps=cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"], images_per_s=len(samples) / seconds,
-                      checkpoint=path, step=step)
+        result = measure(sampling, samples, cond, data, args.tstr)
+        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"],
+                      images_per_s=len(samples) / seconds, checkpoint=path, step=step)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
         print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}"

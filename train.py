@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 import dataset
 import utils
-from modules import build_model
+from modules import Denoiser, build_model
 from utils import UserError
 
 # settings a checkpoint must share with the run that resumes it
 MODEL_KEYS = ("IMAGE_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RES_BLOCKS", "ATTN_RESOLUTIONS",
-              "NUM_HEADS", "TIMESTEPS", "BETA_SCHEDULE", "PREDICTION", "CONDITIONAL")
+              "NUM_HEADS", "TIMESTEPS", "BETA_SCHEDULE", "PREDICTION", "CONDITION")
 # what a checkpoint must hold to be resumed from (best.pt, for one, has no optimizer)
 RESUME_KEYS = ("model", "ema", "optimizer", "noise_rng", "cpu_rng", "step", "best_val", "history")
 VAL_IMAGES = 512  # validation images (fixed subset, fixed noise and timesteps)
@@ -116,7 +116,8 @@ def learning_rate(cfg, step, total_steps):
 
 
 def make_ema(model, cfg):
-    """EMA of the weights (torch.optim.swa_utils): after n updates, decay min(EMA_DECAY, (1+n)/(10+n)); the first copies."""
+    """EMA of the weights (torch.optim.swa_utils): after n updates the decay is min(EMA_DECAY, (1+n)/(10+n)); the
+    first update copies the weights."""
     ema = AveragedModel(model, multi_avg_fn=functools.partial(ema_lerp, max_decay=cfg["EMA_DECAY"]), use_buffers=True)
     ema.n_averaged = ema.n_averaged.cpu()  # keeps AveragedModel's bookkeeping off the GPU (no sync per step)
     return ema
@@ -128,17 +129,19 @@ def ema_lerp(ema_params, params, num_averaged, max_decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def batch_loss(model, schedule, x0, t, noise, y, cfg, autocast):
-    """Per-image min-SNR-weighted MSE of the network's prediction."""
+def batch_loss(model, schedule, x0, t, noise, cond, cfg, autocast):
+    """Per-image min-SNR-weighted MSE of the network's prediction; cond = (class labels, slice positions), either
+    None where the model has no such condition."""
     x_t = schedule.q_sample(x0, t, noise)
     with autocast:
-        out = model(x_t, t, y) if y is not None else model(x_t, t)
+        out = model(x_t, t, *cond)
     err = (out.float() - schedule.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
     return err * schedule.loss_weight(t, cfg["MIN_SNR_GAMMA"])
 
 
-def make_batch(images, labels, idx, gen, cfg, rank, world, device, num_classes=0):
-    """This rank's share of a global batch: x0 in [-1, 1], t, noise, labels (with guidance dropout).
+def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, positions=None):
+    """This rank's share of a global batch: x0 in [-1, 1], t, noise, and cond = (class labels, slice positions),
+    each condition dropped on its own with chance COND_DROP (to -1 and NaN: 'not given'), None where not given.
 
     Every rank draws the whole global batch's random numbers, so any world size sees the same ones.
     """
@@ -146,18 +149,19 @@ def make_batch(images, labels, idx, gen, cfg, rank, world, device, num_classes=0
     noise = torch.randn((n, *images.shape[1:]), generator=gen, device=device)[mine]
     t = torch.randint(0, cfg["TIMESTEPS"], (n,), generator=gen, device=device)[mine]
     flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
-    drop = torch.rand(n, generator=gen, device=device)[mine] < cfg["COND_DROP"]
+    drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]
     x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)
     x0 = x0.contiguous(memory_format=torch.channels_last)
     if cfg["HFLIP"]:
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    y = torch.where(drop, num_classes, labels[idx[mine]]) if num_classes else None  # class num_classes = 'null'
-    return x0, t, noise.contiguous(memory_format=torch.channels_last), y
+    y = None if labels is None else torch.where(drop_class, -1, labels[idx[mine]])
+    s = None if positions is None else torch.where(drop_slice, torch.nan, positions[idx[mine]])
+    return x0, t, noise.contiguous(memory_format=torch.channels_last), (y, s)
 
 
-def train_step(net, model, optimizer, schedule, x0, t, noise, y, cfg, autocast):
+def train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, autocast):
     """One optimizer step; returns (loss, skipped) as device tensors, without syncing with the host."""
-    loss = batch_loss(net, schedule, x0, t, noise, y, cfg, autocast).mean()
+    loss = batch_loss(net, schedule, x0, t, noise, cond, cfg, autocast).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
@@ -168,30 +172,34 @@ def train_step(net, model, optimizer, schedule, x0, t, noise, y, cfg, autocast):
 
 
 @torch.no_grad()
-def validation_loss(model, schedule, val, cfg, device, autocast):
-    """Loss on a fixed validation subset at fixed timesteps and fixed noise: comparable across epochs."""
+def validation_loss(model, schedule, val, val_cond, cfg, device, autocast):
+    """Loss on a fixed validation subset at fixed timesteps and fixed noise, given the conditions the model takes
+    (val_cond: held-out labels and positions, or None): comparable across epochs."""
     gen = torch.Generator(device="cpu").manual_seed(cfg["SEED"] + 1)
     n = min(len(val), VAL_IMAGES)
-    x0 = val[torch.randperm(len(val), generator=gen)[:n]].float() / 127.5 - 1
+    pick = torch.randperm(len(val), generator=gen)[:n]
+    x0 = val[pick].float() / 127.5 - 1
+    cond = [None if c is None else c[pick] for c in val_cond]
     t = torch.linspace(0, cfg["TIMESTEPS"] - 1, n).round().long()
     noise = torch.randn(x0.shape, generator=gen)
     total = 0.0
     for i in range(0, n, cfg["BATCH_SIZE"]):
         sl = slice(i, i + cfg["BATCH_SIZE"])
-        total += batch_loss(model, schedule, x0[sl].to(device), t[sl].to(device), noise[sl].to(device), None,
+        part = [None if c is None else c[sl].to(device) for c in cond]
+        total += batch_loss(model, schedule, x0[sl].to(device), t[sl].to(device), noise[sl].to(device), part,
                             cfg, autocast).sum().item()
     return total / n
 
 
-def sample_grid(ema_model, schedule, cfg, device, autocast, path, num_classes):
-    """A grid of EMA samples with the fast sampler and a fixed seed (comparable across epochs)."""
+def sample_grid(ema_model, schedule, cfg, device, path, classes):
+    """A grid of EMA samples with the fast sampler and a fixed seed (comparable across epochs); conditional models
+    cycle through the classes (rows of the grid) and spread the slice positions from bottom to top."""
     gen = torch.Generator(device=device).manual_seed(cfg["SEED"])
-    y = torch.arange(GRID_SAMPLES, device=device) % num_classes if num_classes else None
-
-    def net(x, t):
-        with autocast:
-            return ema_model(x, t, y) if y is not None else ema_model(x, t)
-    x = schedule.sample(net, (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
+    positions = (0.0, 1.0) if utils.conditions_of(cfg)[1] else None
+    y, s = utils.spread_conditions(GRID_SAMPLES, list(range(len(classes))), positions)
+    y, s = (None if c is None else c.to(device) for c in (y, s))
+    x = schedule.sample(Denoiser(ema_model, y, s, cfg["GUIDANCE"]),
+                        (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
                         cfg["SAMPLE_STEPS"], generator=gen, device=device, spacing=cfg["STEP_SPACING"])
     utils.save_png(x, path, nrow=6)
 
@@ -227,8 +235,9 @@ class Run:
     device: torch.device
     data: dataset.Data
     images: torch.Tensor  # the training split, on the GPU when it fits
-    labels: torch.Tensor | None  # its class labels, when the model is class-conditional
-    num_classes: int
+    classes: list  # the class names, when the model is class-conditional
+    labels: torch.Tensor | None  # the training split's class labels, when the model is class-conditional
+    positions: torch.Tensor | None  # its slice positions, when the model is slice-conditional
     batch: int  # per process
     steps_per_epoch: int
     total_steps: int
@@ -325,22 +334,23 @@ def load_training_data(cfg, rank, world):
 
 def build_run(cfg, data, rank, world, device):
     """Model, EMA, optimizer, schedule and batch plan for this data on this device."""
-    num_classes = len(data.classes) if cfg["CONDITIONAL"] else 0
-    if cfg["CONDITIONAL"] and not num_classes:
-        raise UserError("CONDITIONAL needs a dataset with classes (ADNI's AD/NC): use --conditional false")
+    by_class, by_slice = utils.conditions_of(cfg)  # dataset.load_data made sure the data has what these need
+    classes = data.classes if by_class else []
     images = utils.to_device_if_fits(data.train, device)
     batch = cfg["BATCH_SIZE"]
     if len(images) < batch * world:
         batch = max(1, len(images) // world)
         if rank == 0:
-            print(f"notice: only {len(images)} training images: using batches of {batch} instead of {cfg['BATCH_SIZE']}")
+            print(f"notice: only {len(images)} training images: using batches of {batch} instead of "
+                  f"{cfg['BATCH_SIZE']}")
     steps_per_epoch = len(images) // (batch * world)
-    model = build_model(cfg, num_classes).to(device, memory_format=torch.channels_last)
+    model = build_model(cfg, len(classes)).to(device, memory_format=torch.channels_last)
     compiled = torch.compile(model) if utils.wants_compile(cfg, device) else model
     cuda = device.type == "cuda"
     return Run(
         cfg=cfg, rank=rank, world=world, device=device, data=data, images=images,
-        labels=data.train_labels.to(device) if num_classes else None, num_classes=num_classes, batch=batch,
+        classes=classes, labels=data.train_labels.to(device) if by_class else None,
+        positions=data.train_positions.to(device) if by_slice else None, batch=batch,
         steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg["EPOCHS"],
         schedule=utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"]), model=model,
         ema=make_ema(model, cfg),
@@ -415,7 +425,7 @@ def save(run, progress):
     state = {"model": run.model.state_dict(), "ema": run.ema.module.state_dict(), "config": run.cfg,
              "step": progress.step, "epoch": progress.step // max(1, run.steps_per_epoch),
              "best_val": progress.best_val, "history": progress.history, "fingerprint": run.data.fingerprint,
-             "classes": run.data.classes if run.num_classes else [], "noise_rng": run.noise_gen.get_state(),
+             "classes": run.classes, "noise_rng": run.noise_gen.get_state(),
              "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict()}
     utils.save_checkpoint(state, run.path("checkpoint.pt"))
     if progress.best_ema is not None:
@@ -434,11 +444,12 @@ def train_epoch(run, progress, stop):
                leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
     for i in bar:
         idx = order[i * global_batch:(i + 1) * global_batch]
-        x0, t, noise, y = make_batch(run.images, run.labels, idx, run.noise_gen, cfg, run.rank, run.world,
-                                     run.device, run.num_classes)
+        x0, t, noise, cond = make_batch(run.images, idx, run.noise_gen, cfg, run.rank, run.world, run.device,
+                                        run.labels, run.positions)
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, progress.step, run.total_steps)
-        loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, y, cfg, run.autocast)
+        loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, cond, cfg,
+                               run.autocast)
         run.ema.update_parameters(run.model)
         progress.record(loss, bad)
         if progress.step % cfg["LOG_EVERY"] == 0:
@@ -458,7 +469,9 @@ def end_epoch(run, progress):
     """Rank 0, after a whole epoch: validation loss, the best EMA kept in memory, a line, sample grid and plot."""
     cfg, epoch = run.cfg, progress.step // run.steps_per_epoch
     paused = time.perf_counter()
-    val = validation_loss(run.ema.module, run.schedule, run.data.val, cfg, run.device, run.autocast)
+    val_cond = (run.data.val_labels if run.labels is not None else None,
+                run.data.val_positions if run.positions is not None else None)
+    val = validation_loss(run.ema.module, run.schedule, run.data.val, val_cond, cfg, run.device, run.autocast)
     progress.window_start += time.perf_counter() - paused  # keep img/s a training figure
     row = log_row(run, progress, val)
     if val < progress.best_val:  # written with the next checkpoint
@@ -469,8 +482,8 @@ def end_epoch(run, progress):
           f"lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  {row['elapsed_s'] / 60:.1f} min"
           + (f"  ({skipped} non-finite steps skipped)" if skipped else ""))
     if epoch % cfg["SAMPLE_EVERY"] == 0 or progress.step >= run.total_steps:
-        sample_grid(run.ema.module, run.schedule, cfg, run.device, run.autocast,
-                    run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.num_classes)
+        sample_grid(run.ema.module, run.schedule, cfg, run.device,
+                    run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
         plot_losses(progress.history, run.path("loss.png"))
 
 

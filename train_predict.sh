@@ -38,9 +38,16 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 
+# a conditional model also gets conditions.png, a slice sweep and the train-on-synthetic test (figures in metrics.json)
+read -r condition out < <("$PYTHON" -c "import sys, utils; a = utils.build_parser('').parse_known_args(sys.argv[1:])[0]
+print(a.CONDITION, a.OUTPUT_DIR)" "$@")
+extras=""
+case "$condition" in *slice*) shared+=(--slice-sweep 16); extras=", slice_sweep.png/.gif/.nii.gz" ;; esac
+case "$condition" in *class*) shared+=(--tstr 256) ;; esac
+[ "$condition" = none ] || extras=", conditions.png$extras"
+
 "${train[@]}" "$@" || { code=$?; echo "error: training (train.py) failed with exit code $code" >&2; exit "$code"; }
 "${predict[@]}" "${shared[@]}" || { code=$?; echo "error: generation (predict.py) failed with exit code $code" >&2; exit "$code"; }
 
-out=$("$PYTHON" -c "import sys, utils; a = utils.build_parser('').parse_known_args(sys.argv[1:])[0]; print(a.OUTPUT_DIR)" "$@")
-echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json);"
+echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json$extras);"
 echo "      training grids in $out/samples/, loss curve in $out/loss.png"

@@ -20,7 +20,7 @@ IMAGE_SIZE = 128  # side of the square images the model sees (a multiple of 2**(
 CHANNELS = 1  # image channels (grayscale MRI)
 HFLIP = False  # random horizontal flips during training
 OASIS_TRAIN_ON_TEST = False  # OASIS: also train on the test split, as earlier projects did
-CONDITIONAL = False  # ADNI: learn AD/NC class-conditional generation (classifier-free guidance)
+CONDITION = "none"  # what generation can be asked for: 'none' | 'class' (e.g. AD/NC) | 'slice' (height) | 'class+slice'
 # Network
 BASE_CHANNELS = 64  # width of the first U-Net level
 CHANNEL_MULT = (1, 2, 2, 4, 4)  # width multiplier per level; each level after the first halves the resolution
@@ -33,8 +33,8 @@ TIMESTEPS = 1000  # diffusion steps T
 BETA_SCHEDULE = "cosine"  # 'linear' | 'cosine' | 'sigmoid'
 PREDICTION = "v"  # what the network predicts: 'eps' | 'v' | 'x0'
 MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off)
-COND_DROP = 0.1  # CONDITIONAL: probability of dropping the label (for guidance)
-GUIDANCE = 2.0  # CONDITIONAL: classifier-free guidance scale when sampling
+COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
+GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
 # Training
 BATCH_SIZE = 64  # images per step (per GPU under torchrun)
 LR = 3e-4  # peak learning rate of AdamW
@@ -58,6 +58,7 @@ NUM_SAMPLES = 64  # images predict.py generates
 SAMPLE_BATCH = 64  # images sampled at once
 SEED = 0  # seed for data order, noise and sampling
 
+CONDITIONS = ("none", "class", "slice", "class+slice")
 SCHEDULES = ("linear", "cosine", "sigmoid")
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
 PREDICTIONS = ("eps", "v", "x0")
@@ -83,7 +84,7 @@ def run(main):
 def constants():
     """The constants above as {NAME: default}."""
     return {k: v for k, v in globals().items()
-            if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in ("SCHEDULES", "SAMPLERS", "PREDICTIONS")
+            if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in ("CONDITIONS", "SCHEDULES", "SAMPLERS", "PREDICTIONS")
             and isinstance(v, (bool, int, float, str, tuple))}
 
 
@@ -149,10 +150,14 @@ def check_config(cfg):
             raise UserError(f"{name} must be a finite number, got {value}: use --{name.lower().replace('_', '-')} X")
     if not cfg["LR"] > 0:
         raise UserError(f"LR must be positive, got {cfg['LR']}: use --lr 2e-4")
+    if not 0 <= cfg["COND_DROP"] < 1 or cfg["GUIDANCE"] < 0:
+        raise UserError(f"COND_DROP must be in [0, 1) and GUIDANCE at least 0, got {cfg['COND_DROP']} and "
+                        f"{cfg['GUIDANCE']}")
     if not 0 <= cfg["EMA_DECAY"] < 1:
         raise UserError(f"EMA_DECAY must be in [0, 1), got {cfg['EMA_DECAY']}")
-    for name, allowed in (("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS), ("PREDICTION", PREDICTIONS),
-                          ("LR_DECAY", ("constant", "cosine")), ("COMPILE", ("auto", "true", "false"))):
+    for name, allowed in (("CONDITION", CONDITIONS), ("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS),
+                          ("PREDICTION", PREDICTIONS), ("LR_DECAY", ("constant", "cosine")),
+                          ("COMPILE", ("auto", "true", "false"))):
         if cfg[name] not in allowed:
             raise UserError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
     if not cfg["CHANNEL_MULT"] or min(cfg["CHANNEL_MULT"]) <= 0:
@@ -171,6 +176,18 @@ def check_config(cfg):
     if cfg["NUM_RES_BLOCKS"] < 1 or cfg["DROPOUT"] < 0 or cfg["DROPOUT"] >= 1:
         raise UserError("NUM_RES_BLOCKS must be at least 1 and DROPOUT in [0, 1)")
     return cfg
+
+
+def conditions_of(cfg):
+    """(class-conditional, slice-conditional) for a configuration."""
+    return "class" in cfg["CONDITION"], "slice" in cfg["CONDITION"]
+
+
+def spread_conditions(n, classes, positions=(0.0, 1.0)):
+    """Conditions for n samples: class indices cycling through `classes` (a list of indices, or None for no class),
+    and slice positions evenly spread from positions[0] to positions[1] (None for no position)."""
+    y = torch.tensor([classes[i % len(classes)] for i in range(n)]) if classes else None
+    return y, torch.linspace(*positions, n) if positions is not None else None
 
 
 # ---------------------------------------------------------------- noise schedule
@@ -400,4 +417,6 @@ def load_checkpoint(path, advice="delete it or pass another --checkpoint"):
                         + (f": {advice}" if advice else "")) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no model or config in it)")
+    if "CONDITION" not in state["config"]:  # written before CONDITION: CONDITIONAL=True meant class conditioning
+        state["config"]["CONDITION"] = "class" if state["config"].pop("CONDITIONAL", False) else "none"
     return state

@@ -62,3 +62,36 @@ def tiny_run(tiny_data, tmp_path_factory):
     r = run_script("train.py", "--data-dir", tiny_data, "--output-dir", out, "--epochs", "2", *TINY)
     assert r.returncode == 0, r.stderr
     return out
+
+
+def write_disks(folder, subjects=(6, 2), slices=6, size=16, seed=0):
+    """An ADNI-layout set (train/test, AD/NC, SUBJECT_K names) of two visibly different classes: a centred disk on
+    black, white for 'AD' and grey for 'NC', its radius growing with the slice number K of its subject."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    subject = 0
+    for split, n in zip(("train", "test"), subjects):
+        for cls in ("AD", "NC"):
+            os.makedirs(os.path.join(folder, split, cls), exist_ok=True)
+            for _ in range(n):
+                subject += 1
+                for rank, k in enumerate(np.sort(rng.choice(np.arange(40, 90), slices, replace=False))):
+                    disk = yy ** 2 + xx ** 2 < (3 + 4 * rank / (slices - 1)) ** 2
+                    img = (disk * (255 if cls == "AD" else 120)).astype(np.uint8)
+                    Image.fromarray(img, "L").save(os.path.join(folder, split, cls, f"{subject}_{k}.png"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def disks_data(tmp_path_factory):
+    return write_disks(str(tmp_path_factory.mktemp("disks") / "AD_NC"))
+
+
+@pytest.fixture(scope="session")
+def conditional_run(disks_data, tmp_path_factory):
+    """OUTPUT_DIR of a tiny class+slice-conditional model trained for 2 epochs on disks_data."""
+    out = str(tmp_path_factory.mktemp("conditional"))
+    r = run_script("train.py", "--data-dir", disks_data, "--output-dir", out, "--epochs", "2", "--condition",
+                   "class+slice", *TINY, "--image-size", "16", "--attn-resolutions", "8")
+    assert r.returncode == 0, r.stderr
+    return out

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script, write_blobs
+from modules import Denoiser
 
 
 def predict(run, *args):
@@ -62,8 +63,7 @@ def test_small_strength_gives_back_the_input(tiny_run):
     run = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0, STEP_SPACING=2.0)
     import tempfile
     with tempfile.TemporaryDirectory() as out:
-        result = p.denoise(p.make_net(model, torch.device("cpu")), schedule, images, run, 0.002, torch.device("cpu"),
-                           out)
+        result = p.denoise(Denoiser(model), schedule, images, run, 0.002, torch.device("cpu"), out)
     assert (result - (images.float() / 127.5 - 1)).abs().mean() < 0.05
 
 
@@ -72,14 +72,15 @@ def test_step_spacing_reaches_the_sampler(tmp_path):
     from utils import NoiseSchedule
     schedule, seen = NoiseSchedule(1000, "cosine", "eps"), []
 
-    def net(x, t):
+    def net(x, t, y=None, s=None):
         seen.append(int(t[0]))
         return torch.zeros_like(x)
     for spacing, expected in ((1.0, [999, 749, 500, 250, 0]), (3.0, [999, 421, 125, 16, 0])):
         run = dict(SEED=0, NUM_SAMPLES=1, SAMPLE_BATCH=1, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0,
-                   STEP_SPACING=spacing)
+                   STEP_SPACING=spacing, GUIDANCE=1.0)
         seen.clear()
-        p.generate(net, schedule, dict(IMAGE_SIZE=8, CHANNELS=1), run, torch.device("cpu"), str(tmp_path))
+        sampling = p.Sampling(net, schedule, dict(IMAGE_SIZE=8, CHANNELS=1), run, torch.device("cpu"))
+        p.generate(sampling, 1, str(tmp_path))
         assert seen == expected
 
 
@@ -177,7 +178,7 @@ def distinct_images(n, seed):
 
 def test_metrics_flag_training_images_and_score_heldout_images_perfectly():
     import dataset
-    import predict as p
+    import evaluate as p
     data = dataset.Data("folder", "x", distinct_images(64, 0), distinct_images(32, 1))
     as_samples = lambda images: images.float() / 127.5 - 1  # noqa: E731
     copies = p.metrics(as_samples(data.train[:16]), data, torch.device("cpu"))

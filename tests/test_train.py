@@ -158,7 +158,7 @@ def test_hflip_flips_about_half_when_on_and_none_when_off():
     images[:, :, :, :3] = 255  # bright on the left: a flipped image is bright on the right
     idx, gen = torch.arange(256), torch.Generator().manual_seed(0)
     for hflip, low, high in ((False, 0, 0), (True, 0.4, 0.6)):
-        x0 = train.make_batch(images, None, idx, gen, batch_config(HFLIP=hflip), 0, 1, torch.device("cpu"))[0]
+        x0 = train.make_batch(images, idx, gen, batch_config(HFLIP=hflip), 0, 1, torch.device("cpu"))[0]
         flipped = (x0[:, 0, 0, -1] > 0).float().mean().item()
         assert low <= flipped <= high, (hflip, flipped)
         assert torch.equal(x0[:, 0, 0, 0] > 0, x0[:, 0, 0, -1] < 0)  # each image is either as stored or flipped
@@ -170,18 +170,18 @@ def test_a_nonfinite_loss_skips_the_update():
     schedule, cfg = utils.NoiseSchedule(100, "cosine", "v"), batch_config(GRAD_CLIP=1.0, MIN_SNR_GAMMA=5.0)
     autocast = torch.autocast("cpu", enabled=False)
     x0, t, noise = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([5, 30, 60, 90]), torch.randn(4, 1, 16, 16)
-    train.train_step(model, model, optimizer, schedule, x0, t, noise, None, cfg, autocast)  # a good step first
+    train.train_step(model, model, optimizer, schedule, x0, t, noise, (None, None), cfg, autocast)  # a good step first
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     poisoned = x0.clone()
     poisoned[0, 0, 0, 0] = float("nan")
-    loss, bad = train.train_step(model, model, optimizer, schedule, poisoned, t, noise, None, cfg, autocast)
+    loss, bad = train.train_step(model, model, optimizer, schedule, poisoned, t, noise, (None, None), cfg, autocast)
     assert bool(bad) and not torch.isfinite(loss)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for m, p in zip(moments, model.parameters()):
         assert torch.equal(m, optimizer.state[p]["exp_avg"])
-    _, bad = train.train_step(model, model, optimizer, schedule, x0, t, noise, None, cfg, autocast)
+    _, bad = train.train_step(model, model, optimizer, schedule, x0, t, noise, (None, None), cfg, autocast)
     assert not bool(bad) and any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
