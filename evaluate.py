@@ -45,26 +45,56 @@ def ms_ssim_pairs(x, gen):
                    normalize="relu").item()
 
 
-def metrics(samples, data, device):
-    """Fidelity (SSIM/PSNR to the nearest held-out image), diversity (MS-SSIM), and memorisation checks."""
+def nearest_similarity(images, pool, device):
+    """SSIM and PSNR of each image ([0, 1]) to its nearest (L2) image in pool (uint8)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    idx, _ = nearest(images, pool, device)
+    match = pool[idx].float() / 255
+    ssim = structural_similarity_index_measure(images, match, data_range=1.0, kernel_size=SSIM_KERNEL,
+                                               reduction="none")
+    return ssim, peak_signal_noise_ratio(images, match, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def metrics(samples, data, device):
+    """Fidelity (SSIM/PSNR to the nearest held-out image; the Frechet distance of the probe's features), diversity
+    (MS-SSIM between pairs) and memorisation (distance to the nearest training image), each beside the same
+    figure for real held-out slices."""
     fake = utils.to_unit(samples)
     heldout = data.val.float() / 255
-    idx, _ = nearest(fake, data.val, device)
-    ssim = structural_similarity_index_measure(fake, heldout[idx], data_range=1.0, kernel_size=SSIM_KERNEL,
-                                               reduction="none")
-    psnr = peak_signal_noise_ratio(fake, heldout[idx], data_range=1.0, reduction="none", dim=(1, 2, 3))
+    real = heldout[:len(fake) * 4]  # as many real slices as it takes, up to four per sample
+    ssim, psnr = nearest_similarity(fake, data.val, device)
+    real_ssim, real_psnr = nearest_similarity(real, data.train, device)
     _, fake_to_train = nearest(fake, data.train, device)
-    _, real_to_train = nearest(heldout[:len(fake) * 4], data.train, device)
+    _, real_to_train = nearest(real, data.train, device)
     copy_threshold = torch.quantile(real_to_train, 0.05).item()  # closer than 95% of unseen real images
     gen = torch.Generator().manual_seed(0)
+    fd, fd_real = frechet_distances(samples, data, device)
     return {"num_samples": len(fake), "heldout_images": len(heldout),
-            "ssim_to_nearest_heldout": ssim.mean().item(), "psnr_to_nearest_heldout": psnr.mean().item(),
+            "ssim_to_nearest_heldout": ssim.mean().item(), "ssim_heldout_to_nearest_train": real_ssim.mean().item(),
+            "psnr_to_nearest_heldout": psnr.mean().item(), "psnr_heldout_to_nearest_train": real_psnr.mean().item(),
+            "frechet_distance": fd, "frechet_distance_real": fd_real,
             "ms_ssim_between_samples": ms_ssim_pairs(fake, gen) if len(fake) > 1 else None,
             "ms_ssim_between_real": ms_ssim_pairs(heldout, gen) if len(heldout) > 1 else None,
             "rmse_sample_to_nearest_train": fake_to_train.mean().item(),
             "rmse_heldout_to_nearest_train": real_to_train.mean().item(),
             "possible_copies": int((fake_to_train < copy_threshold).sum())}
+
+
+def frechet(a, b):
+    """The Frechet distance between Gaussians fitted to two sets of feature vectors (N x D, float64)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0).sqrt().sum()  # trace of sqrt(cov_a cov_b)
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * root).item()
+
+
+def frechet_distances(samples, data, device):
+    """(samples, real) Frechet distances to the held-out slices, over the probe's features; real: as many training
+    slices as there are samples, the figure a perfect generator would reach with this many samples."""
+    model, _ = probe_for(data, device)
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:len(samples)]
+    fake, train, heldout = (read_slices(model, x, device)[0].double() for x in (samples, data.train[pick], data.val))
+    return frechet(fake, heldout), frechet(train, heldout)
 
 
 # ---------------------------------------------------------------- the probe
@@ -122,7 +152,7 @@ def probe_for(data, device):
     labels, positions = data.train_labels, data.train_positions
     path = os.path.join(data.cache, f"probe_v{PROBE_VERSION}_{data.fingerprint}_{data.train.shape[-1]}_"
                         f"{probe_size(data.train)}_{PROBE_EPOCHS}.pt")
-    if os.path.isfile(path):
+    if os.path.isdir(data.cache) and os.path.isfile(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = Probe(len(data.classes), probe_size(data.train)).to(device)
         model.load_state_dict(state["model"])
@@ -137,7 +167,7 @@ def probe_for(data, device):
         real["train_on_real_accuracy"] = classifier_accuracy(data.train, labels, data, device)  # the TSTR reference
     if positions is not None:
         real["slice_mae"] = (position - data.val_positions).abs().mean().item()
-    if data.cache != "none":
+    if os.path.isdir(data.cache):
         utils.save_checkpoint({"model": model.state_dict(), "real": real}, path)
     return model, real
 

@@ -105,14 +105,19 @@ def load_resume_state(ckpt_path):
     return None, None
 
 
-def learning_rate(cfg, step, total_steps):
-    """Linear warm-up, then constant or cosine decay to 10% of LR."""
+def now():
+    """Wall-clock seconds (a function of its own, so that a test can train on a fake clock)."""
+    return time.time()
+
+
+def learning_rate(cfg, step, decay_progress):
+    """Linear warm-up over WARMUP_STEPS, then constant, or a cosine decay to 10% of LR as decay_progress goes from 0
+    to 1 (the share of the steps after warm-up, or of the time budget, that is done)."""
     if step < cfg["WARMUP_STEPS"]:
         return cfg["LR"] * (step + 1) / cfg["WARMUP_STEPS"]
     if cfg["LR_DECAY"] == "constant":
         return cfg["LR"]
-    progress = min(1.0, (step - cfg["WARMUP_STEPS"]) / max(1, total_steps - cfg["WARMUP_STEPS"]))
-    return cfg["LR"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg["LR"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, decay_progress)))))
 
 
 def make_ema(model, cfg):
@@ -147,7 +152,11 @@ def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, position
     """
     n, mine = len(idx), slice(rank * (len(idx) // world), (rank + 1) * (len(idx) // world))
     noise = torch.randn((n, *images.shape[1:]), generator=gen, device=device)[mine]
-    t = torch.randint(0, cfg["TIMESTEPS"], (n,), generator=gen, device=device)[mine]
+    if cfg["TIMESTEP_SAMPLING"] == "uniform":
+        t = torch.randint(0, cfg["TIMESTEPS"], (n,), generator=gen, device=device)[mine]
+    else:  # logit-normal: t / T = sigmoid(z), z ~ N(0, 1)
+        u = torch.randn(n, generator=gen, device=device).sigmoid()
+        t = (u * cfg["TIMESTEPS"]).long().clamp(max=cfg["TIMESTEPS"] - 1)[mine]
     flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
     drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]
     x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)
@@ -267,7 +276,13 @@ class Progress:
     history: list = field(default_factory=list)  # the rows of log.csv
     best_ema: dict | None = None  # EMA weights of the lowest validation loss, not yet written to best.pt
     elapsed_before: float = 0.0  # seconds of training before this process started
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=lambda: now())
+    spent: float = 0.0  # seconds of training so far, as last read from rank 0's clock (every LOG_EVERY steps)
+    spent_at_step: int = 0  # the step at which it was read
+    seconds_per_step: float = 0.0  # over the last log window: extrapolates `spent` step by step between reads
+    end_seconds: float = 0.0  # rank 0: the longest end-of-epoch work so far (validation, samples, plot)
+    save_seconds: float = 0.0  # rank 0: the longest checkpoint save so far
+    reserve: float = 0.0  # the two above, as rank 0 last said: time kept free at the end of a time budget
     window_start: float = field(default_factory=time.perf_counter)  # the current log window
     window_steps: int = 0
     loss_sum: torch.Tensor = field(init=False)
@@ -276,6 +291,7 @@ class Progress:
 
     def __post_init__(self):
         self.loss_sum, self.bad_run, self.bad_total = (torch.zeros((), device=self.device) for _ in range(3))
+        self.spent, self.spent_at_step = self.elapsed_before, self.step
 
     def record(self, loss, bad):
         """Count one optimizer step: its loss (unless skipped) and whether it was skipped."""
@@ -284,6 +300,37 @@ class Progress:
         self.loss_sum.add_(torch.where(bad, 0.0, loss))
         self.step += 1
         self.window_steps += 1
+
+
+def read_clock(run, progress, rate=True):
+    """The seconds trained so far and the time to keep free at the end, as rank 0 reads them, on every rank (all
+    ranks then agree on the learning rate and on when a time budget is spent); with rate, also the seconds per step
+    since the last reading (not across an end-of-epoch pause)."""
+    clock = torch.tensor([progress.elapsed_before + now() - progress.started,
+                          progress.end_seconds + progress.save_seconds], dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        dist.broadcast(clock, 0)
+    spent, progress.reserve = clock.tolist()
+    if rate and progress.step > progress.spent_at_step:
+        progress.seconds_per_step = (spent - progress.spent) / (progress.step - progress.spent_at_step)
+    progress.spent, progress.spent_at_step = spent, progress.step
+
+
+def done_share(run, progress):
+    """The share of the run that is done: of its steps (EPOCHS), or of its time budget (TRAIN_MINUTES), with the
+    time the last validation, samples and checkpoint will take counted as spent."""
+    if not run.cfg["TRAIN_MINUTES"]:
+        return progress.step / run.total_steps
+    spent = progress.spent + (progress.step - progress.spent_at_step) * progress.seconds_per_step
+    return (spent + progress.reserve) / (60 * run.cfg["TRAIN_MINUTES"])
+
+
+def decay_progress(run, progress):
+    """How far the learning-rate decay has gone: over the steps after warm-up, or over the time budget."""
+    if run.cfg["TRAIN_MINUTES"]:
+        return done_share(run, progress)
+    warmup = run.cfg["WARMUP_STEPS"]
+    return (progress.step - warmup) / max(1, run.total_steps - warmup)
 
 
 class StopRequest:
@@ -382,15 +429,18 @@ def resume(run, fresh):
     if run.master:
         print(f"resuming from {resumed_from} at step {state['step']:,} (use --fresh to start over)")
     history = state["history"]
-    return Progress(run.device, state["step"], state["best_val"], history,
-                    elapsed_before=history[-1]["elapsed_s"] if history else 0.0)
+    end_seconds, save_seconds = state.get("reserve_s", (0.0, 0.0))
+    return Progress(run.device, state["step"], state["best_val"], history, end_seconds=end_seconds,
+                    save_seconds=save_seconds,
+                    elapsed_before=state.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0))
 
 
 def describe(run):
     """One line: the model's size and the batch plan."""
+    length = (f"{run.cfg['TRAIN_MINUTES']:g} minutes of training" if run.cfg["TRAIN_MINUTES"] else
+              f"{run.total_steps:,} steps")
     print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {run.cfg['IMAGE_SIZE']} px, "
-          f"batch {run.batch} x {run.world} process(es), {run.steps_per_epoch:,} steps/epoch, {run.total_steps:,} "
-          f"steps, {run.device}")
+          f"batch {run.batch} x {run.world} process(es), {run.steps_per_epoch:,} steps/epoch, {length}, {run.device}")
 
 
 def start_log(run, progress):
@@ -409,8 +459,8 @@ def log_row(run, progress, val_loss=""):
         last = progress.history[-1] if progress.history else {"loss": float("nan"), "img_per_s": 0.0}
         loss, rate = last["loss"], last["img_per_s"]
     row = {"step": progress.step, "epoch": progress.step / run.steps_per_epoch, "loss": loss, "val_loss": val_loss,
-           "lr": learning_rate(run.cfg, progress.step, run.total_steps), "img_per_s": rate,
-           "elapsed_s": progress.elapsed_before + time.time() - progress.started}
+           "lr": learning_rate(run.cfg, progress.step, decay_progress(run, progress)), "img_per_s": rate,
+           "elapsed_s": progress.elapsed_before + now() - progress.started}
     progress.loss_sum.zero_()
     progress.window_start, progress.window_steps = time.perf_counter(), 0
     if run.master:
@@ -422,16 +472,20 @@ def log_row(run, progress, val_loss=""):
 
 def save(run, progress):
     """checkpoint.pt (everything needed to resume), and best.pt when a new best EMA is waiting."""
+    started = now()
     state = {"model": run.model.state_dict(), "ema": run.ema.module.state_dict(), "config": run.cfg,
              "step": progress.step, "epoch": progress.step // max(1, run.steps_per_epoch),
              "best_val": progress.best_val, "history": progress.history, "fingerprint": run.data.fingerprint,
              "classes": run.classes, "noise_rng": run.noise_gen.get_state(),
-             "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict()}
+             "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict(),
+             "elapsed_s": progress.elapsed_before + started - progress.started,
+             "reserve_s": [progress.end_seconds, progress.save_seconds]}
     utils.save_checkpoint(state, run.path("checkpoint.pt"))
     if progress.best_ema is not None:
         best = {k: v for k, v in state.items() if k not in ("optimizer", "model", "ema")}
         utils.save_checkpoint(dict(best, model=progress.best_ema, ema=progress.best_ema), run.path("best.pt"))
         progress.best_ema = None
+    progress.save_seconds = max(progress.save_seconds, now() - started)
 
 
 def train_epoch(run, progress, stop):
@@ -440,19 +494,21 @@ def train_epoch(run, progress, stop):
     epoch, first = divmod(progress.step, run.steps_per_epoch)
     order = torch.randperm(len(run.images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
     order, global_batch = order.to(run.images.device), run.batch * run.world
-    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['EPOCHS']}", disable=not run.master,
-               leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
+    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}" + ("" if cfg["TRAIN_MINUTES"] else
+               f"/{cfg['EPOCHS']}"), disable=not run.master, leave=False, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 60)
     for i in bar:
         idx = order[i * global_batch:(i + 1) * global_batch]
         x0, t, noise, cond = make_batch(run.images, idx, run.noise_gen, cfg, run.rank, run.world, run.device,
                                         run.labels, run.positions)
         for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, progress.step, run.total_steps)
+            group["lr"] = learning_rate(cfg, progress.step, decay_progress(run, progress))
         loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, cond, cfg,
                                run.autocast)
         run.ema.update_parameters(run.model)
         progress.record(loss, bad)
         if progress.step % cfg["LOG_EVERY"] == 0:
+            read_clock(run, progress)
             if progress.bad_run.item() >= cfg["MAX_NONFINITE"]:
                 raise UserError(f"the loss was not finite for {int(progress.bad_run.item())} steps in a row at step "
                                 f"{progress.step}: lower --lr or --batch-size; the last good checkpoint is kept")
@@ -460,14 +516,15 @@ def train_epoch(run, progress, stop):
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", img_s=f"{row['img_per_s']:.0f}")
         if run.master and progress.step % cfg["CHECKPOINT_EVERY"] == 0:
             save(run, progress)
-        if stop.requested:
+        if stop.requested or done_share(run, progress) >= 1:
             break
     bar.close()
 
 
-def end_epoch(run, progress):
-    """Rank 0, after a whole epoch: validation loss, the best EMA kept in memory, a line, sample grid and plot."""
-    cfg, epoch = run.cfg, progress.step // run.steps_per_epoch
+def validate(run, progress):
+    """Rank 0, after an epoch (or the part of one a time budget left): validation loss, the best EMA kept in memory,
+    a log row and a line; returns its seconds."""
+    cfg, epoch, started = run.cfg, math.ceil(progress.step / run.steps_per_epoch), now()
     paused = time.perf_counter()
     val_cond = (run.data.val_labels if run.labels is not None else None,
                 run.data.val_positions if run.positions is not None else None)
@@ -477,14 +534,42 @@ def end_epoch(run, progress):
     if val < progress.best_val:  # written with the next checkpoint
         progress.best_val = val
         progress.best_ema = {k: v.detach().to("cpu", copy=True) for k, v in run.ema.module.state_dict().items()}
-    skipped = int(progress.bad_total.item())
-    print(f"epoch {epoch}/{cfg['EPOCHS']}  step {progress.step:,}  loss {row['loss']:.4f}  val {val:.4f}  "
-          f"lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  {row['elapsed_s'] / 60:.1f} min"
+    skipped, budget = int(progress.bad_total.item()), cfg["TRAIN_MINUTES"]
+    print(f"epoch {epoch}" + ("" if budget else f"/{cfg['EPOCHS']}") + f"  step {progress.step:,}  loss "
+          f"{row['loss']:.4f}  val {val:.4f}  lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  "
+          f"{row['elapsed_s'] / 60:.1f}" + (f"/{budget:g}" if budget else "") + " min"
           + (f"  ({skipped} non-finite steps skipped)" if skipped else ""))
-    if epoch % cfg["SAMPLE_EVERY"] == 0 or progress.step >= run.total_steps:
-        sample_grid(run.ema.module, run.schedule, cfg, run.device,
-                    run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
-        plot_losses(progress.history, run.path("loss.png"))
+    return now() - started
+
+
+def samples_due(run, progress, last):
+    """Whether this epoch's end draws a sample grid: every SAMPLE_EVERY epochs, at the end, and (with a time budget,
+    to learn how long it takes) after the first."""
+    epoch = math.ceil(progress.step / run.steps_per_epoch)
+    return last or epoch % run.cfg["SAMPLE_EVERY"] == 0 or bool(run.cfg["TRAIN_MINUTES"] and epoch == 1)
+
+
+def draw_samples(run, progress, val_seconds):
+    """Rank 0: the sample grid and the loss plot; the end-of-epoch time they took with the validation is kept as
+    the reserve a time budget leaves for the end."""
+    started, epoch = now(), math.ceil(progress.step / run.steps_per_epoch)
+    sample_grid(run.ema.module, run.schedule, run.cfg, run.device,
+                run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
+    plot_losses(progress.history, run.path("loss.png"))
+    progress.end_seconds = max(progress.end_seconds, val_seconds + now() - started)
+
+
+def end_epoch(run, progress):
+    """After an epoch: validation (rank 0), then, with every rank agreeing, whether the run is done; samples when due.
+    Returns whether the run is done."""
+    val_seconds = validate(run, progress) if run.master else 0.0
+    read_clock(run, progress, rate=False)
+    last = done_share(run, progress) >= 1
+    if samples_due(run, progress, last):
+        if run.master:
+            draw_samples(run, progress, val_seconds)
+        read_clock(run, progress, rate=False)
+    return last
 
 
 def check_ranks_agree(run):
@@ -528,10 +613,10 @@ def main():
         describe(run)
         start_log(run, progress)
     try:
-        while progress.step < run.total_steps and not stop.requested:
+        while not stop.requested and done_share(run, progress) < 1:
             train_epoch(run, progress, stop)
-            if run.master and not stop.requested:
-                end_epoch(run, progress)
+            if stop.requested or end_epoch(run, progress):
+                break
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA ran out of memory at batch {run.batch}, {cfg['IMAGE_SIZE']} px: try a smaller "
                         f"--batch-size or --image-size") from None

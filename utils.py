@@ -32,7 +32,8 @@ DROPOUT = 0.0  # dropout inside residual blocks
 TIMESTEPS = 1000  # diffusion steps T
 BETA_SCHEDULE = "cosine"  # 'linear' | 'cosine' | 'sigmoid'
 PREDICTION = "v"  # what the network predicts: 'eps' | 'v' | 'x0'
-MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off)
+MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off: a plain MSE of the prediction)
+TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid noise levels more often, as SD3)
 COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
 GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
 # Training
@@ -42,7 +43,8 @@ WEIGHT_DECAY = 0.0  # AdamW weight decay
 WARMUP_STEPS = 250  # linear learning-rate warm-up
 LR_DECAY = "cosine"  # after warm-up: 'constant' | 'cosine'
 GRAD_CLIP = 1.0  # gradient-norm clipping
-EPOCHS = 250  # passes over the training split
+TRAIN_MINUTES = 20.0  # train for this many minutes of wall time, learning rate laid over them (0: EPOCHS decide)
+EPOCHS = 250  # passes over the training split, when TRAIN_MINUTES is 0
 EMA_DECAY = 0.999  # exponential moving average of the weights (with warm-up)
 COMPILE = "auto"  # torch.compile the model: 'auto' (on CUDA only) | 'true' | 'false'
 SAMPLE_EVERY = 25  # epochs between sample grids (and loss plots)
@@ -148,6 +150,8 @@ def check_config(cfg):
     for name, value in cfg.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, got {value}: use --{name.lower().replace('_', '-')} X")
+    if cfg["TRAIN_MINUTES"] < 0:
+        raise UserError(f"TRAIN_MINUTES must be 0 (train for EPOCHS) or more, got {cfg['TRAIN_MINUTES']}")
     if not cfg["LR"] > 0:
         raise UserError(f"LR must be positive, got {cfg['LR']}: use --lr 2e-4")
     if not 0 <= cfg["COND_DROP"] < 1 or cfg["GUIDANCE"] < 0:
@@ -157,6 +161,7 @@ def check_config(cfg):
         raise UserError(f"EMA_DECAY must be in [0, 1), got {cfg['EMA_DECAY']}")
     for name, allowed in (("CONDITION", CONDITIONS), ("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS),
                           ("PREDICTION", PREDICTIONS), ("LR_DECAY", ("constant", "cosine")),
+                          ("TIMESTEP_SAMPLING", ("uniform", "logit-normal")),
                           ("COMPILE", ("auto", "true", "false"))):
         if cfg[name] not in allowed:
             raise UserError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
@@ -243,10 +248,12 @@ class NoiseSchedule:
         return abar / (1 - abar)
 
     def loss_weight(self, t, gamma):
-        """Min-SNR-gamma weights (Hang et al. 2023) that make every prediction type weigh x0 errors alike."""
+        """Min-SNR-gamma weights (Hang et al. 2023): every prediction type weighs x0 errors by min(SNR, gamma);
+        gamma 0 turns the weighting off (a plain MSE of what the network predicts)."""
         snr = self.snr(t)
-        clipped = snr.clamp(max=gamma) if gamma > 0 else snr
-        return clipped / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+        if gamma <= 0:
+            return torch.ones_like(snr)
+        return snr.clamp(max=gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
 
     def split(self, out, x, a, s):
         """Turn a network output at x_t into (eps, x0) predictions."""

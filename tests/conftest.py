@@ -14,7 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # a model small enough to train in seconds on 2 CPU cores
 TINY = ["--image-size", "32", "--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
         "--attn-resolutions", "16", "--num-heads", "2", "--batch-size", "8", "--timesteps", "100",
-        "--sample-steps", "5", "--log-every", "2", "--warmup-steps", "2", "--compile", "false", "--lr", "1e-3"]
+        "--sample-steps", "5", "--log-every", "2", "--warmup-steps", "2", "--compile", "false", "--lr", "1e-3",
+        "--train-minutes", "0"]
 
 
 def run_script(script, *args, timeout=300, **kwargs):

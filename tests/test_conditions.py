@@ -280,3 +280,11 @@ def test_training_on_data_without_the_condition_gets_one_line(tiny_data, tmp_pat
     r = run_script("train.py", "--data-dir", tiny_data, "--output-dir", str(tmp_path), *TINY, "--condition", "class")
     one_line_error(r, "class conditioning needs images in two or more class folders")
     assert not os.path.exists(tmp_path / "checkpoint.pt")
+
+
+def test_frechet_distance_of_known_gaussians():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(100_000, 4, generator=gen, dtype=torch.float64)
+    b = 2 * torch.randn(100_000, 4, generator=gen, dtype=torch.float64) + torch.tensor([1.0, 0, 0, 2])
+    assert evaluate.frechet(a, a) == pytest.approx(0, abs=1e-9)
+    assert evaluate.frechet(a, b) == pytest.approx(5 + 4 * (1 + 4 - 2 * 2), rel=0.02)  # |dmu|^2 + D (1 + 4 - 2*2)

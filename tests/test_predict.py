@@ -176,6 +176,29 @@ def distinct_images(n, seed):
     return (x.clamp(0, 1) * 255).round().byte()
 
 
+def test_psnr_and_diversity_known_answers():
+    """A sample 0.1 brighter everywhere than a held-out image is 20 dB from it; copies of one image have MS-SSIM 1
+    between them, different images less."""
+    import dataset
+    import evaluate
+    dim = lambda images: (images.float() * 0.8).round().byte()  # noqa: E731  room to brighten
+    data = dataset.Data("folder", "x", dim(distinct_images(16, 0)), dim(distinct_images(16, 1)))
+    _, psnr = evaluate.nearest_similarity(data.val[:4].float() / 255 + 0.1, data.val, torch.device("cpu"))
+    assert psnr.tolist() == pytest.approx([20.0] * 4, abs=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    same = data.val[:1].float().repeat(8, 1, 1, 1) / 255
+    assert evaluate.ms_ssim_pairs(same, gen) == pytest.approx(1, abs=1e-6)
+    assert evaluate.ms_ssim_pairs(data.val.float() / 255, gen) < 0.9
+
+
+def test_nearest_searches_past_a_chunk():
+    import evaluate
+    pool = torch.full((4100, 1, 4, 4), 200, dtype=torch.uint8)
+    pool[4096] = 10  # the only dark image sits in the second chunk
+    idx, rmse = evaluate.nearest(torch.full((1, 1, 4, 4), 10 / 255), pool, torch.device("cpu"))
+    assert idx.item() == 4096 and rmse.item() < 1e-6
+
+
 def test_metrics_flag_training_images_and_score_heldout_images_perfectly():
     import dataset
     import evaluate as p
@@ -185,4 +208,9 @@ def test_metrics_flag_training_images_and_score_heldout_images_perfectly():
     assert copies["possible_copies"] == 16 and copies["rmse_sample_to_nearest_train"] < 1e-3
     heldout = p.metrics(as_samples(data.val[:16]), data, torch.device("cpu"))
     assert heldout["ssim_to_nearest_heldout"] == pytest.approx(1, abs=1e-4)
+    assert 0 < heldout["ssim_heldout_to_nearest_train"] < 0.99  # the reference: real slices are not copies
+    everything = p.metrics(as_samples(data.val), data, torch.device("cpu"))
+    assert everything["frechet_distance"] == pytest.approx(0, abs=1e-6)  # the held-out slices themselves
+    black = p.metrics(torch.full_like(as_samples(data.val), -1), data, torch.device("cpu"))
+    assert black["frechet_distance"] > 10 * black["frechet_distance_real"] > 0  # far from real, beside its reference
     assert heldout["possible_copies"] <= 3 and heldout["rmse_sample_to_nearest_train"] > 0.05

@@ -119,12 +119,21 @@ def test_ema_follows_the_documented_warmup():
 
 def test_learning_rate_warmup_then_cosine_to_a_tenth():
     cfg = {"LR": 1e-3, "WARMUP_STEPS": 10, "LR_DECAY": "cosine"}
-    lr = lambda step: train.learning_rate(cfg, step, 110)  # noqa: E731  100 steps of decay after warm-up
+    lr = lambda step: train.learning_rate(cfg, step, (step - 10) / 100)  # noqa: E731  100 steps of decay
     assert [lr(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
     assert lr(10) == pytest.approx(1e-3)
     assert lr(35) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.25))))
     assert lr(60) == pytest.approx(0.55e-3) and lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
-    assert train.learning_rate(dict(cfg, LR_DECAY="constant"), 60, 110) == pytest.approx(1e-3)
+    assert train.learning_rate(dict(cfg, LR_DECAY="constant"), 60, 0.5) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_gamma_zero_is_a_plain_mse(prediction):
+    """MIN_SNR_GAMMA 0 turns the weighting off: the loss is a plain MSE of what the network predicts."""
+    schedule = utils.NoiseSchedule(1000, "cosine", prediction)
+    t = torch.tensor([0, 100, 400, 700, 999])
+    assert torch.equal(schedule.loss_weight(t, 0.0), torch.ones(5))
+    assert not torch.allclose(schedule.loss_weight(t, 1.0), torch.ones(5))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -162,6 +171,21 @@ def test_hflip_flips_about_half_when_on_and_none_when_off():
         flipped = (x0[:, 0, 0, -1] > 0).float().mean().item()
         assert low <= flipped <= high, (hflip, flipped)
         assert torch.equal(x0[:, 0, 0, 0] > 0, x0[:, 0, 0, -1] < 0)  # each image is either as stored or flipped
+
+
+def test_conditions_are_dropped_independently_at_cond_drop():
+    n = 4000
+    images, idx = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
+    labels, positions = torch.randint(0, 2, (n,)), torch.rand(n)
+    gen = torch.Generator().manual_seed(0)
+    _, _, _, (y, s) = train.make_batch(images, idx, gen, batch_config(COND_DROP=0.3), 0, 1, torch.device("cpu"),
+                                       labels, positions)
+    no_class, no_slice = y == -1, s.isnan()
+    assert abs(no_class.float().mean() - 0.3) < 0.03 and abs(no_slice.float().mean() - 0.3) < 0.03
+    assert abs((no_class & no_slice).float().mean() - 0.09) < 0.02  # independent: 0.3 x 0.3
+    assert torch.equal(y[~no_class], labels[~no_class]) and torch.equal(s[~no_slice], positions[~no_slice])
+    _, _, _, (y, s) = train.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
+    assert y is None and s is None
 
 
 def test_a_nonfinite_loss_skips_the_update():
@@ -217,3 +241,57 @@ def test_stop_request_first_asks_then_interrupts():
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+# ---------------------------------------------------------------- a time budget, on a fake clock
+class FakeClock:
+    """Seconds that pass only when training does: 1 per step, 2 per validation, 3 per sample grid."""
+
+    def __init__(self, monkeypatch):
+        self.t = 1000.0
+        monkeypatch.setattr(train, "now", lambda: self.t)
+        for name, cost in (("train_step", 1.0), ("validation_loss", 2.0), ("sample_grid", 3.0)):
+            monkeypatch.setattr(train, name, self.costing(getattr(train, name), cost))
+
+    def costing(self, function, seconds):
+        def timed(*args, **kwargs):
+            self.t += seconds
+            return function(*args, **kwargs)
+        return timed
+
+
+def train_in_process(monkeypatch, *args):
+    """train.py's main() in this process (so that it runs on the fake clock); its checkpoint."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
+    try:
+        train.main()
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return torch.load(os.path.join(args[args.index("--output-dir") + 1], "checkpoint.pt"), weights_only=True)
+
+
+def test_a_time_budget_ends_training_inside_it(tiny_data, tmp_path, monkeypatch):
+    """30 fake seconds, 4 steps an epoch: epoch 1 (4 s) and its validation and first grid (5 s: now the reserve),
+    two epochs with validation (12 s), then steps until the reserve is all that is left (4 s) and the last
+    validation and grid (5 s): 16 steps in exactly 30 s, the learning rate decayed to its floor at the last step."""
+    FakeClock(monkeypatch)
+    common = ["--data-dir", tiny_data, *TINY, "--epochs", "1000", "--sample-every", "1000", "--lr", "1e-3"]
+    state = train_in_process(monkeypatch, "--output-dir", tmp_path, *common, "--train-minutes", "0.5")
+    assert state["step"] == 16 and state["elapsed_s"] == 30
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-4) and float(rows[-1]["step"]) == 16
+    lrs = [float(r["lr"]) for r in rows if int(r["step"]) > 2]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[0] > 0.9e-3  # a cosine laid over the 30 seconds
+    assert sorted(os.listdir(tmp_path / "samples")) == ["epoch_0001.png", "epoch_0004.png"]
+
+
+def test_a_resumed_run_keeps_its_budget(tiny_data, tmp_path, monkeypatch):
+    """Stopped by a 15 s budget and resumed under a 30 s one, the run counts the 15 s already spent."""
+    FakeClock(monkeypatch)
+    common = ["--data-dir", tiny_data, "--output-dir", tmp_path, *TINY, "--epochs", "1000", "--sample-every", "1000"]
+    first = train_in_process(monkeypatch, *common, "--train-minutes", "0.25")
+    assert first["elapsed_s"] == 15 and first["step"] == 5  # 9 s, 1 step, 5 s
+    second = train_in_process(monkeypatch, *common, "--train-minutes", "0.5")
+    assert second["elapsed_s"] == 29 and second["step"] == 12  # 3 steps and validation, 4 and validation, grid
