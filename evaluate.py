@@ -46,13 +46,13 @@ def ms_ssim_pairs(x, gen):
 
 
 def nearest_similarity(images, pool, device):
-    """SSIM and PSNR of each image ([0, 1]) to its nearest (L2) image in pool (uint8)."""
+    """SSIM, PSNR and RMSE of each image ([0, 1]) to its nearest (L2) image in pool (uint8)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-    idx, _ = nearest(images, pool, device)
+    idx, rmse = nearest(images, pool, device)
     match = pool[idx].float() / 255
     ssim = structural_similarity_index_measure(images, match, data_range=1.0, kernel_size=SSIM_KERNEL,
                                                reduction="none")
-    return ssim, peak_signal_noise_ratio(images, match, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return ssim, peak_signal_noise_ratio(images, match, data_range=1.0, reduction="none", dim=(1, 2, 3)), rmse
 
 
 def metrics(samples, data, device):
@@ -62,10 +62,9 @@ def metrics(samples, data, device):
     fake = utils.to_unit(samples)
     heldout = data.val.float() / 255
     real = heldout[:len(fake) * 4]  # as many real slices as it takes, up to four per sample
-    ssim, psnr = nearest_similarity(fake, data.val, device)
-    real_ssim, real_psnr = nearest_similarity(real, data.train, device)
+    ssim, psnr, _ = nearest_similarity(fake, data.val, device)
+    real_ssim, real_psnr, real_to_train = nearest_similarity(real, data.train, device)
     _, fake_to_train = nearest(fake, data.train, device)
-    _, real_to_train = nearest(real, data.train, device)
     copy_threshold = torch.quantile(real_to_train, 0.05).item()  # closer than 95% of unseen real images
     gen = torch.Generator().manual_seed(0)
     fd, fd_real = frechet_distances(samples, data, device)

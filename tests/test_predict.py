@@ -183,7 +183,7 @@ def test_psnr_and_diversity_known_answers():
     import evaluate
     dim = lambda images: (images.float() * 0.8).round().byte()  # noqa: E731  room to brighten
     data = dataset.Data("folder", "x", dim(distinct_images(16, 0)), dim(distinct_images(16, 1)))
-    _, psnr = evaluate.nearest_similarity(data.val[:4].float() / 255 + 0.1, data.val, torch.device("cpu"))
+    _, psnr, _ = evaluate.nearest_similarity(data.val[:4].float() / 255 + 0.1, data.val, torch.device("cpu"))
     assert psnr.tolist() == pytest.approx([20.0] * 4, abs=1e-3)
     gen = torch.Generator().manual_seed(0)
     same = data.val[:1].float().repeat(8, 1, 1, 1) / 255
