@@ -582,6 +582,7 @@ def check_ranks_agree(run):
     if run.master:
         print(f"weights identical on all {run.world} ranks" if gap.item() == 0 else
               f"warning: ranks differ by {gap.item():.2e}")
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 

@@ -74,7 +74,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     single = run_script("train.py", "--output-dir", str(tmp_path / "one"), *common)
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           os.path.join(ROOT, "train.py"), "--output-dir", str(tmp_path / "two"),
                           *common, "--batch-size", "4"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
