@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 # CPU quick profile: 64 px, a 2.9M-parameter U-Net, 8 minutes of training on any machine
 QUICK_PROFILE=(--image-size 64 --base-channels 16 --channel-mult 1,2,4,8 --num-res-blocks 1 --attn-resolutions 8
                --batch-size 16 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --min-snr-gamma 0 --train-minutes 8
-               --sample-every 4 --checkpoint-every 500)
+               --sample-every 8 --checkpoint-every 500)
 
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found: install Python 3.9+ (or set PYTHON=...)" >&2; exit 1; }
 "$PYTHON" -c "import torch, torchvision, numpy, PIL, matplotlib, tqdm, nilearn, torchmetrics" 2>/dev/null || {
@@ -18,7 +18,7 @@ gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -eq 0 ]; then
   echo "no GPU found: running the CPU quick profile (64 px, small U-Net, about 10 minutes in all)"
   train=("$PYTHON" train.py "${QUICK_PROFILE[@]}")
-  predict=("$PYTHON" predict.py --num-samples 36)
+  predict=("$PYTHON" predict.py)
 elif [ "$gpus" -eq 1 ]; then
   train=("$PYTHON" train.py)
   predict=("$PYTHON" predict.py)
