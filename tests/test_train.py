@@ -173,6 +173,17 @@ def test_hflip_flips_about_half_when_on_and_none_when_off():
         assert torch.equal(x0[:, 0, 0, 0] > 0, x0[:, 0, 0, -1] < 0)  # each image is either as stored or flipped
 
 
+@pytest.mark.parametrize("sampling, middle_half", [("uniform", 0.5), ("logit-normal", 0.728)])
+def test_training_timesteps_follow_timestep_sampling(sampling, middle_half):
+    """uniform: every t equally often; logit-normal: t/T = sigmoid(z), so P(T/4 <= t < 3T/4) = P(|z| < ln 3) = 0.728."""
+    n = 20000
+    images, idx, gen = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), torch.Generator().manual_seed(0)
+    t = train.make_batch(images, idx, gen, batch_config(TIMESTEP_SAMPLING=sampling), 0, 1, torch.device("cpu"))[1]
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 99
+    assert abs(((t >= 25) & (t < 75)).float().mean().item() - middle_half) < 0.015
+    assert abs(t.float().mean().item() - 49.5) < 1.0  # both symmetric about the middle
+
+
 def test_conditions_are_dropped_independently_at_cond_drop():
     n = 4000
     images, idx = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
