@@ -101,10 +101,10 @@ def probe_size(images):
     return min(PROBE_SIZE, images.shape[-1])
 
 
-def fit_probe(images, labels, positions, num_classes, device, seed=0):
-    """A Probe trained for PROBE_EPOCHS on uint8 slices (N x 1 x S x S) for the targets given: class labels and
-    slice positions (either may be None); with neither, the quarter turn it gives each slice itself."""
-    steps = max(1, round(PROBE_EPOCHS * len(images) / PROBE_BATCH))
+def fit_probe(images, labels, positions, num_classes, device, seed=0, steps=None):
+    """A Probe trained for `steps` (default: PROBE_EPOCHS passes) on uint8 slices (N x 1 x S x S) for the targets
+    given: class labels and slice positions (either may be None); with neither, the quarter turn of each slice."""
+    steps = steps or max(1, round(PROBE_EPOCHS * len(images) / PROBE_BATCH))
     with torch.random.fork_rng(devices=[]):  # a fixed initialisation that leaves the caller's random state alone
         torch.manual_seed(seed)
         model = Probe(num_classes, probe_size(images)).to(device)
@@ -186,8 +186,10 @@ def control(samples, y, s, data, device):
 
 
 def classifier_accuracy(images, labels, data, device):
-    """Held-out accuracy of a classifier (the probe's network, class and quarter-turn heads) trained on these."""
-    model = fit_probe(images, labels, None, len(data.classes), device, seed=1)
+    """Held-out accuracy of a classifier (the probe's network and class head) trained on these images for as many
+    steps as on the real training split, however many there are: the same budget for real and synthetic."""
+    steps = max(1, round(PROBE_EPOCHS * len(data.train) / PROBE_BATCH))
+    model = fit_probe(images, labels, None, len(data.classes), device, seed=1, steps=steps)
     return (read_slices(model, data.val, device)[1] == data.val_labels).float().mean().item()
 
 

@@ -188,6 +188,16 @@ def test_probe_reads_class_and_position(monkeypatch):
     assert (position - test_positions).abs().mean() < 0.1
 
 
+def test_train_on_synthetic_gets_the_training_budget_of_train_on_real(monkeypatch, tmp_path):
+    """16 labelled 'samples' teach the TSTR classifier as well as 256 real slices do: it trains as many steps."""
+    monkeypatch.setattr(evaluate, "PROBE_EPOCHS", 30)  # 120 steps of 64 images for 256 training slices
+    train_images, train_labels, _ = disk_images(256)
+    val_images, val_labels, _ = disk_images(32, seed=2)
+    data = dataset.Data("adni", str(tmp_path), train_images, val_images, train_labels, val_labels, ["AD", "NC"])
+    few, few_labels, _ = disk_images(16, seed=3)
+    assert evaluate.classifier_accuracy(few, few_labels, data, torch.device("cpu")) > 0.9
+
+
 def test_control_figures_follow_the_probe(monkeypatch, tmp_path):
     """Real held-out slices asked for their own labels agree with the probe as often as its held-out accuracy;
     asked for the other label, as often as it errs."""
