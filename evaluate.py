@@ -101,10 +101,15 @@ def probe_size(images):
     return min(PROBE_SIZE, images.shape[-1])
 
 
+def probe_steps(n):
+    """Training steps of PROBE_EPOCHS passes over n images."""
+    return max(1, round(PROBE_EPOCHS * n / PROBE_BATCH))
+
+
 def fit_probe(images, labels, positions, num_classes, device, seed=0, steps=None):
     """A Probe trained for `steps` (default: PROBE_EPOCHS passes) on uint8 slices (N x 1 x S x S) for the targets
     given: class labels and slice positions (either may be None); with neither, the quarter turn of each slice."""
-    steps = steps or max(1, round(PROBE_EPOCHS * len(images) / PROBE_BATCH))
+    steps = steps or probe_steps(len(images))
     with torch.random.fork_rng(devices=[]):  # a fixed initialisation that leaves the caller's random state alone
         torch.manual_seed(seed)
         model = Probe(num_classes, probe_size(images)).to(device)
@@ -188,8 +193,7 @@ def control(samples, y, s, data, device):
 def classifier_accuracy(images, labels, data, device):
     """Held-out accuracy of a classifier (the probe's network and class head) trained on these images for as many
     steps as on the real training split, however many there are: the same budget for real and synthetic."""
-    steps = max(1, round(PROBE_EPOCHS * len(data.train) / PROBE_BATCH))
-    model = fit_probe(images, labels, None, len(data.classes), device, seed=1, steps=steps)
+    model = fit_probe(images, labels, None, len(data.classes), device, seed=1, steps=probe_steps(len(data.train)))
     return (read_slices(model, data.val, device)[1] == data.val_labels).float().mean().item()
 
 
