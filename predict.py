@@ -29,17 +29,24 @@ SWEEP_HEIGHT_MM = 120  # slice_sweep.nii.gz: the height slice positions 0 to 1 s
 
 
 def load_model(path, use_ema, device):
-    """The network and noise schedule exactly as the checkpoint describes them."""
+    """The network and noise schedule exactly as the checkpoint describes them, and the early snapshot that
+    autoguidance uses as {"step", "model"} (None when the checkpoint has none)."""
     state = utils.load_checkpoint(path)
     cfg, classes = state["config"], state.get("classes", [])
-    try:
-        model = build_model(cfg, len(classes))
-        model.load_state_dict(state["ema" if use_ema else "model"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise UserError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
-    model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    guide = state.get("guide")
+
+    def network(weights):
+        try:
+            model = build_model(cfg, len(classes))
+            model.load_state_dict(weights)
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
+        return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+    model = network(state.get("ema" if use_ema else "model"))
+    guide = guide and {"step": guide["step"], "model": network(guide["weights"])}
     schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
-    return model, schedule, cfg, classes, state.get("step", 0)
+    return model, schedule, cfg, classes, state.get("step", 0), guide
 
 
 # ---------------------------------------------------------------- what the user asks for
@@ -114,6 +121,7 @@ class Sampling:
     cfg: dict  # the checkpoint's configuration
     run: dict  # this run's settings, with the chosen classes and positions
     device: torch.device
+    guide: torch.nn.Module | None = None  # the early snapshot autoguidance steers away from (None: no autoguidance)
 
     def noise(self, n, gen):
         return torch.randn((n, self.cfg["CHANNELS"], self.cfg["IMAGE_SIZE"], self.cfg["IMAGE_SIZE"]), generator=gen,
@@ -123,7 +131,8 @@ class Sampling:
         """Samples from the given starting noise for conditions y, s (None: not given), with the run's sampler."""
         to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
         run = self.run
-        return self.schedule.sample(Denoiser(self.net, to(y), to(s), run["GUIDANCE"]), sampler=run["SAMPLER"],
+        denoiser = Denoiser(self.net, to(y), to(s), run["GUIDANCE"], self.guide, run["AUTOGUIDANCE"])
+        return self.schedule.sample(denoiser, sampler=run["SAMPLER"],
                                     steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noise, generator=generator,
                                     device=self.device, callback=callback, spacing=run["STEP_SPACING"]).float().cpu()
 
@@ -273,16 +282,22 @@ def main():
     run, args = parse_settings()
     device = utils.get_device()
     path = args.checkpoint or os.path.join(run["OUTPUT_DIR"], "checkpoint.pt")
-    model, schedule, cfg, classes, step = load_model(path, not args.no_ema, device)
+    model, schedule, cfg, classes, step, guide = load_model(path, not args.no_ema, device)
+    if guide is None and run["AUTOGUIDANCE"] != 1:
+        print(f"notice: {path} holds no early snapshot (trained before autoguidance, or stopped before GUIDE_AT): "
+              f"sampling without autoguidance")
+        run["AUTOGUIDANCE"] = 1.0
     by_slice = utils.conditions_of(cfg)[1]
     run.update(classes=chosen_classes(args.label, classes), positions=chosen_positions(args.slice_position, by_slice))
     check_extras(args, classes, by_slice)
     cond = utils.spread_conditions(run["NUM_SAMPLES"], run["classes"], run["positions"])
     out = os.path.join(run["OUTPUT_DIR"], "predict")
-    sampling = Sampling(torch.compile(model) if utils.wants_compile(run, device) else model, schedule, cfg, run, device)
+    compiled = (lambda m: torch.compile(m) if utils.wants_compile(run, device) else m)  # noqa: E731
+    sampling = Sampling(compiled(model), schedule, cfg, run, device, guide and compiled(guide["model"]))
     steps = cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"]
     print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with {steps} steps, {device}"
-          + (f", condition {cfg['CONDITION']} (guidance {run['GUIDANCE']:g})" if classes or by_slice else ""))
+          + (f", condition {cfg['CONDITION']} (guidance {run['GUIDANCE']:g})" if classes or by_slice else "")
+          + (f", autoguidance {run['AUTOGUIDANCE']:g} from step {guide['step']:,}" if run["AUTOGUIDANCE"] != 1 else ""))
 
     started = time.perf_counter()
     samples, frames = generate(sampling, run["NUM_SAMPLES"], out, *cond)
@@ -301,12 +316,13 @@ def main():
         data_cfg = dict(cfg, DATA_DIR=run["DATA_DIR"] if run["DATA_DIR"] != utils.DATA_DIR else cfg["DATA_DIR"])
         data = dataset.load_data(data_cfg)
     images = dataset.read_folder(args.input, cfg["IMAGE_SIZE"]) if args.input else data.val[:8]
-    denoise(Denoiser(model), schedule, images[:run["SAMPLE_BATCH"]], run, args.strength, device, out)
+    denoise(Denoiser(model, guide=sampling.guide, autoguidance=run["AUTOGUIDANCE"]), schedule,
+            images[:run["SAMPLE_BATCH"]], run, args.strength, device, out)
     print(f"denoised {min(len(images), run['SAMPLE_BATCH'])} images at strength {args.strength} -> {out}/denoise.png")
 
     if not args.no_metrics:
         result = measure(sampling, samples, cond, data, args.tstr)
-        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"],
+        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"], autoguidance=run["AUTOGUIDANCE"],
                       images_per_s=len(samples) / seconds, checkpoint=path, step=step)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)

@@ -111,13 +111,14 @@ def now():
 
 
 def learning_rate(cfg, step, decay_progress):
-    """Linear warm-up over WARMUP_STEPS, then constant, or a cosine decay to 10% of LR as decay_progress goes from 0
-    to 1 (the share of the steps after warm-up, or of the time budget, that is done)."""
+    """Linear warm-up over WARMUP_STEPS, then constant, or a cosine decay to LR_FLOOR * LR as decay_progress goes
+    from 0 to 1 (the share of the steps after warm-up, or of the time budget, that is done)."""
     if step < cfg["WARMUP_STEPS"]:
         return cfg["LR"] * (step + 1) / cfg["WARMUP_STEPS"]
     if cfg["LR_DECAY"] == "constant":
         return cfg["LR"]
-    return cfg["LR"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, decay_progress)))))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, decay_progress))))
+    return cfg["LR"] * (cfg["LR_FLOOR"] + (1 - cfg["LR_FLOOR"]) * cosine)
 
 
 def make_ema(model, cfg):
@@ -200,14 +201,15 @@ def validation_loss(model, schedule, val, val_cond, cfg, device, autocast):
     return total / n
 
 
-def sample_grid(ema_model, schedule, cfg, device, path, classes):
-    """A grid of EMA samples with the fast sampler and a fixed seed (comparable across epochs); conditional models
-    cycle through the classes (rows of the grid) and spread the slice positions from bottom to top."""
+def sample_grid(ema_model, guide, schedule, cfg, device, path, classes):
+    """A grid of EMA samples with the fast sampler and a fixed seed (comparable across epochs), autoguided by the
+    guide once there is one; conditional models cycle through the classes (rows of the grid) and spread the slice
+    positions from bottom to top."""
     gen = torch.Generator(device=device).manual_seed(cfg["SEED"])
     positions = (0.0, 1.0) if utils.conditions_of(cfg)[1] else None
     y, s = utils.spread_conditions(GRID_SAMPLES, list(range(len(classes))), positions)
     y, s = (None if c is None else c.to(device) for c in (y, s))
-    x = schedule.sample(Denoiser(ema_model, y, s, cfg["GUIDANCE"]),
+    x = schedule.sample(Denoiser(ema_model, y, s, cfg["GUIDANCE"], guide, cfg["AUTOGUIDANCE"]),
                         (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
                         cfg["SAMPLE_STEPS"], generator=gen, device=device, spacing=cfg["STEP_SPACING"])
     utils.save_png(x, path, nrow=6)
@@ -275,6 +277,7 @@ class Progress:
     best_val: float = math.inf
     history: list = field(default_factory=list)  # the rows of log.csv
     best_ema: dict | None = None  # EMA weights of the lowest validation loss, not yet written to best.pt
+    guide: dict | None = None  # {"step", "weights"}: the EMA at GUIDE_AT of the run, for autoguidance
     elapsed_before: float = 0.0  # seconds of training before this process started
     started: float = field(default_factory=lambda: now())
     spent: float = 0.0  # seconds of training so far, as last read from rank 0's clock (every LOG_EVERY steps)
@@ -401,7 +404,8 @@ def build_run(cfg, data, rank, world, device):
         steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg["EPOCHS"],
         schedule=utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"]), model=model,
         ema=make_ema(model, cfg),
-        optimizer=torch.optim.AdamW(model.parameters(), lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], fused=True),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=cfg["LR"], betas=(0.9, cfg["ADAM_BETA2"]),
+                                    weight_decay=cfg["WEIGHT_DECAY"], fused=True),
         net=DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled,
         noise_gen=torch.Generator(device=device).manual_seed(cfg["SEED"]),
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
@@ -424,13 +428,16 @@ def resume(run, fresh):
     run.ema.module.load_state_dict(state["ema"])
     run.ema.n_averaged.fill_(state["step"])
     run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # the settings of this run, not those saved with the moments
+        group.update(betas=(0.9, run.cfg["ADAM_BETA2"]), weight_decay=run.cfg["WEIGHT_DECAY"])
     run.noise_gen.set_state(state["noise_rng"])
     torch.set_rng_state(state["cpu_rng"])
     if run.master:
         print(f"resuming from {resumed_from} at step {state['step']:,} (use --fresh to start over)")
     history = state["history"]
     end_seconds, save_seconds = state.get("reserve_s", (0.0, 0.0))
-    return Progress(run.device, state["step"], state["best_val"], history, end_seconds=end_seconds,
+    return Progress(run.device, state["step"], state["best_val"], history, guide=state.get("guide"),
+                    end_seconds=end_seconds,
                     save_seconds=save_seconds,
                     elapsed_before=state.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0))
 
@@ -479,7 +486,7 @@ def save(run, progress):
              "classes": run.classes, "noise_rng": run.noise_gen.get_state(),
              "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict(),
              "elapsed_s": progress.elapsed_before + started - progress.started,
-             "reserve_s": [progress.end_seconds, progress.save_seconds]}
+             "reserve_s": [progress.end_seconds, progress.save_seconds], "guide": progress.guide}
     utils.save_checkpoint(state, run.path("checkpoint.pt"))
     if progress.best_ema is not None:
         best = {k: v for k, v in state.items() if k not in ("optimizer", "model", "ema")}
@@ -507,6 +514,7 @@ def train_epoch(run, progress, stop):
                                run.autocast)
         run.ema.update_parameters(run.model)
         progress.record(loss, bad)
+        keep_guide(run, progress)
         if progress.step % cfg["LOG_EVERY"] == 0:
             read_clock(run, progress)
             if progress.bad_run.item() >= cfg["MAX_NONFINITE"]:
@@ -519,6 +527,22 @@ def train_epoch(run, progress, stop):
         if stop.requested or done_share(run, progress) >= 1:
             break
     bar.close()
+
+
+def keep_guide(run, progress):
+    """Once GUIDE_AT of the run is done, copy the EMA weights (to the CPU): the early snapshot autoguidance uses."""
+    if progress.guide is None and done_share(run, progress) >= run.cfg["GUIDE_AT"]:
+        progress.guide = {"step": progress.step,
+                          "weights": {k: v.detach().cpu().clone() for k, v in run.ema.module.state_dict().items()}}
+
+
+def guide_model(run, progress):
+    """The early snapshot as a network, or None before it is taken."""
+    if progress.guide is None:
+        return None
+    model = build_model(run.cfg, len(run.classes)).to(run.device, memory_format=torch.channels_last)
+    model.load_state_dict(progress.guide["weights"])
+    return model.eval().requires_grad_(False)
 
 
 def validate(run, progress):
@@ -553,7 +577,7 @@ def draw_samples(run, progress, val_seconds):
     """Rank 0: the sample grid and the loss plot; the end-of-epoch time they took with the validation is kept as
     the reserve a time budget leaves for the end."""
     started, epoch = now(), math.ceil(progress.step / run.steps_per_epoch)
-    sample_grid(run.ema.module, run.schedule, run.cfg, run.device,
+    sample_grid(run.ema.module, guide_model(run, progress), run.schedule, run.cfg, run.device,
                 run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
     plot_losses(progress.history, run.path("loss.png"))
     progress.end_seconds = max(progress.end_seconds, val_seconds + now() - started)

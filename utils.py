@@ -36,12 +36,16 @@ MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off: a plain MSE
 TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid noise levels more often, as SD3)
 COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
 GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
+AUTOGUIDANCE = 1.25  # sampling: early + w (model - early), steering away from an early snapshot's errors (1: off)
+GUIDE_AT = 0.25  # AUTOGUIDANCE: the share of training done when the EMA is copied as that early snapshot
 # Training
 BATCH_SIZE = 64  # images per step (per GPU under torchrun)
 LR = 3e-4  # peak learning rate of AdamW
 WEIGHT_DECAY = 0.0  # AdamW weight decay
 WARMUP_STEPS = 250  # linear learning-rate warm-up
 LR_DECAY = "cosine"  # after warm-up: 'constant' | 'cosine'
+LR_FLOOR = 0.1  # the cosine decay ends at this share of LR
+ADAM_BETA2 = 0.999  # AdamW's decay of its squared-gradient average (0.99 adapts faster)
 GRAD_CLIP = 1.0  # gradient-norm clipping
 TRAIN_MINUTES = 20.0  # train for this many minutes of wall time, learning rate laid over them (0: EPOCHS decide)
 EPOCHS = 250  # passes over the training split, when TRAIN_MINUTES is 0
@@ -157,8 +161,14 @@ def check_config(cfg):
     if not 0 <= cfg["COND_DROP"] < 1 or cfg["GUIDANCE"] < 0:
         raise UserError(f"COND_DROP must be in [0, 1) and GUIDANCE at least 0, got {cfg['COND_DROP']} and "
                         f"{cfg['GUIDANCE']}")
-    if not 0 <= cfg["EMA_DECAY"] < 1:
-        raise UserError(f"EMA_DECAY must be in [0, 1), got {cfg['EMA_DECAY']}")
+    for name in ("EMA_DECAY", "ADAM_BETA2"):
+        if not 0 <= cfg[name] < 1:
+            raise UserError(f"{name} must be in [0, 1), got {cfg[name]}: use --{name.lower().replace('_', '-')} X")
+    if cfg["AUTOGUIDANCE"] < 1 or not 0 < cfg["GUIDE_AT"] < 1:
+        raise UserError(f"AUTOGUIDANCE must be 1 (off) or more and GUIDE_AT in (0, 1), got {cfg['AUTOGUIDANCE']} and "
+                        f"{cfg['GUIDE_AT']}: use --autoguidance 1.5 --guide-at 0.25")
+    if not 0 <= cfg["LR_FLOOR"] <= 1:
+        raise UserError(f"LR_FLOOR must be in [0, 1] (a share of LR), got {cfg['LR_FLOOR']}: use --lr-floor 0.1")
     for name, allowed in (("CONDITION", CONDITIONS), ("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS),
                           ("PREDICTION", PREDICTIONS), ("LR_DECAY", ("constant", "cosine")),
                           ("TIMESTEP_SAMPLING", ("uniform", "logit-normal")),

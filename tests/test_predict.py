@@ -58,7 +58,7 @@ def test_every_sampler_runs(tiny_run, tmp_path, sampler):
 
 def test_small_strength_gives_back_the_input(tiny_run):
     import predict as p
-    model, schedule, cfg, _, _ = p.load_model(os.path.join(tiny_run, "checkpoint.pt"), True, torch.device("cpu"))
+    model, schedule, cfg, _, _, _ = p.load_model(os.path.join(tiny_run, "checkpoint.pt"), True, torch.device("cpu"))
     images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
     run = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0, STEP_SPACING=2.0)
     import tempfile
@@ -77,7 +77,7 @@ def test_step_spacing_reaches_the_sampler(tmp_path):
         return torch.zeros_like(x)
     for spacing, expected in ((1.0, [999, 749, 500, 250, 0]), (3.0, [999, 421, 125, 16, 0])):
         run = dict(SEED=0, NUM_SAMPLES=1, SAMPLE_BATCH=1, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0,
-                   STEP_SPACING=spacing, GUIDANCE=1.0)
+                   STEP_SPACING=spacing, GUIDANCE=1.0, AUTOGUIDANCE=1.0)
         seen.clear()
         sampling = p.Sampling(net, schedule, dict(IMAGE_SIZE=8, CHANNELS=1), run, torch.device("cpu"))
         p.generate(sampling, 1, str(tmp_path))
@@ -101,14 +101,18 @@ def test_bad_inputs_get_one_clear_line(tiny_run, tmp_path):
 
 
 # ---------------------------------------------------------------- the checkpoint decides, the flags are honoured
-def constant_output_checkpoint(tiny_run, path, raw_value, ema_value):
+def constant_output_checkpoint(tiny_run, path, raw_value, ema_value, guide_value=None):
     """tiny_run's checkpoint made to predict x0 = raw_value (raw weights) or ema_value (EMA weights) everywhere, with
-    a schedule, T and prediction type that all differ from the constants in utils.py."""
+    a schedule, T and prediction type that all differ from the constants in utils.py; its early snapshot (for
+    autoguidance) predicts guide_value, or is left out."""
     state = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
     state["config"].update(PREDICTION="x0", BETA_SCHEDULE="linear", TIMESTEPS=50)
-    for part, value in (("model", raw_value), ("ema", ema_value)):
-        state[part]["out.2.weight"].zero_()
-        state[part]["out.2.bias"].fill_(value)
+    weights = {"model": state["model"], "ema": state["ema"], "guide": state.pop("guide")["weights"]}
+    if guide_value is not None:
+        state["guide"] = {"step": 2, "weights": weights["guide"]}
+    for part, value in (("model", raw_value), ("ema", ema_value), ("guide", guide_value)):
+        weights[part]["out.2.weight"].zero_()
+        weights[part]["out.2.bias"].fill_(0.0 if value is None else value)
     torch.save(state, path)
     return str(path)
 
@@ -119,7 +123,7 @@ def test_load_model_rebuilds_network_and_schedule_from_the_checkpoint(tiny_run, 
     path = constant_output_checkpoint(tiny_run, tmp_path / "c.pt", -0.5, 0.5)
     assert (utils.TIMESTEPS, utils.BETA_SCHEDULE, utils.PREDICTION) != (50, "linear", "x0")
     for use_ema, value in ((True, 0.5), (False, -0.5)):
-        model, schedule, cfg, _, _ = p.load_model(path, use_ema, torch.device("cpu"))
+        model, schedule, cfg, _, _, _ = p.load_model(path, use_ema, torch.device("cpu"))
         assert (schedule.timesteps, schedule.prediction) == (50, "x0") and cfg["BASE_CHANNELS"] == 8
         torch.testing.assert_close(schedule.alphas_cumprod, utils.NoiseSchedule(50, "linear", "x0").alphas_cumprod)
         assert model.out[2].bias.item() == value
@@ -134,6 +138,22 @@ def test_samples_come_from_the_ema_unless_no_ema(tiny_run, tmp_path):
                     "--input", write_blobs(str(tmp_path / "in"), 1))
         assert r.returncode == 0, r.stderr
         img = np.array(Image.open(out / "predict" / "sample_001.png"))
+        assert img.min() == img.max() == pixel, (flags, img.min(), img.max())
+
+
+def test_autoguidance_steers_away_from_the_early_snapshot(tiny_run, tmp_path):
+    """EMA weights that predict x0 = 0.5 and an early snapshot that predicts 0: autoguidance 1.25 gives
+    0 + 1.25 * (0.5 - 0) = 0.625 (pixels of 207), 1 gives the EMA's 191; without a snapshot it is off, and says so."""
+    guided = constant_output_checkpoint(tiny_run, tmp_path / "g.pt", -0.5, 0.5, guide_value=0.0)
+    plain = constant_output_checkpoint(tiny_run, tmp_path / "p.pt", -0.5, 0.5)
+    for i, (path, flags, pixel, said) in enumerate((
+            (guided, (), 207, "autoguidance 1.25 from step 2"), (guided, ("--autoguidance", "1"), 191, ""),
+            (plain, (), 191, "holds no early snapshot"))):
+        r = predict(str(tmp_path / f"out{i}"), "--checkpoint", path, "--num-samples", "2", "--no-metrics", *flags,
+                    "--input", write_blobs(str(tmp_path / "in"), 1))
+        assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
+        assert ("autoguidance 1.25 from" in r.stdout) == (pixel == 207), r.stdout
+        img = np.array(Image.open(tmp_path / f"out{i}" / "predict" / "sample_001.png"))
         assert img.min() == img.max() == pixel, (flags, img.min(), img.max())
 
 

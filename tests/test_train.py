@@ -25,6 +25,8 @@ def test_training_writes_everything(tiny_run):
     assert state["step"] == 8 and state["config"]["IMAGE_SIZE"] == 32 and "optimizer" in state
     ema, raw = state["ema"]["out.2.weight"], state["model"]["out.2.weight"]  # the last layer starts at zero
     assert ema.abs().sum() > 0 and (ema - raw).norm() < raw.norm()  # the EMA followed the weights
+    guide = state["guide"]  # the EMA copied for autoguidance once GUIDE_AT (0.25) of the 8 steps was done
+    assert guide["step"] == 2 and not torch.equal(guide["weights"]["out.2.weight"], ema)
 
 
 def test_resume_equals_straight_run(tiny_data, tmp_path):
@@ -117,13 +119,15 @@ def test_ema_follows_the_documented_warmup():
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-def test_learning_rate_warmup_then_cosine_to_a_tenth():
-    cfg = {"LR": 1e-3, "WARMUP_STEPS": 10, "LR_DECAY": "cosine"}
+@pytest.mark.parametrize("floor", [0.1, 0.0])
+def test_learning_rate_warmup_then_cosine_to_the_floor(floor):
+    cfg = {"LR": 1e-3, "WARMUP_STEPS": 10, "LR_DECAY": "cosine", "LR_FLOOR": floor}
     lr = lambda step: train.learning_rate(cfg, step, (step - 10) / 100)  # noqa: E731  100 steps of decay
     assert [lr(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
     assert lr(10) == pytest.approx(1e-3)
-    assert lr(35) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.25))))
-    assert lr(60) == pytest.approx(0.55e-3) and lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
+    assert lr(35) == pytest.approx(1e-3 * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.25))))
+    assert lr(60) == pytest.approx(1e-3 * (1 + floor) / 2)
+    assert lr(110) == pytest.approx(1e-3 * floor, abs=1e-12) and lr(500) == pytest.approx(1e-3 * floor, abs=1e-12)
     assert train.learning_rate(dict(cfg, LR_DECAY="constant"), 60, 0.5) == pytest.approx(1e-3)
 
 
@@ -238,6 +242,8 @@ def test_resume_mid_epoch_under_cosine_decay_equals_a_straight_run(tiny_data, tm
     for part in ("model", "ema"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part}.{k}")
+    assert a["guide"]["step"] == b["guide"]["step"] == 2  # the early snapshot travels in the checkpoint
+    torch.testing.assert_close(a["guide"]["weights"], b["guide"]["weights"], rtol=0, atol=0)
 
 
 def test_stop_request_first_asks_then_interrupts():
@@ -286,16 +292,26 @@ def train_in_process(monkeypatch, *args):
 def test_a_time_budget_ends_training_inside_it(tiny_data, tmp_path, monkeypatch):
     """30 fake seconds, 4 steps an epoch: epoch 1 (4 s) and its validation and first grid (5 s: now the reserve),
     two epochs with validation (12 s), then steps until the reserve is all that is left (4 s) and the last
-    validation and grid (5 s): 16 steps in exactly 30 s, the learning rate decayed to its floor at the last step."""
+    validation and grid (5 s): 16 steps in exactly 30 s, the learning rate decayed to its floor at the last step;
+    the early snapshot for autoguidance taken at the first step past a quarter of the budget."""
     FakeClock(monkeypatch)
     common = ["--data-dir", tiny_data, *TINY, "--epochs", "1000", "--sample-every", "1000", "--lr", "1e-3"]
     state = train_in_process(monkeypatch, "--output-dir", tmp_path, *common, "--train-minutes", "0.5")
     assert state["step"] == 16 and state["elapsed_s"] == 30
+    assert state["guide"]["step"] == 5  # the first step past GUIDE_AT (7.5 s): 10 s + the 5 s reserve
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert float(rows[-1]["lr"]) == pytest.approx(1e-4) and float(rows[-1]["step"]) == 16
     lrs = [float(r["lr"]) for r in rows if int(r["step"]) > 2]
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[0] > 0.9e-3  # a cosine laid over the 30 seconds
     assert sorted(os.listdir(tmp_path / "samples")) == ["epoch_0001.png", "epoch_0004.png"]
+
+
+def test_adam_beta2_reaches_the_optimizer_also_on_resume(tiny_data, tmp_path, monkeypatch):
+    common = ["--data-dir", tiny_data, "--output-dir", tmp_path, *TINY, "--sample-every", "1000"]
+    first = train_in_process(monkeypatch, *common, "--epochs", "1", "--adam-beta2", "0.95")
+    assert first["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    second = train_in_process(monkeypatch, *common, "--epochs", "2", "--adam-beta2", "0.99")
+    assert second["step"] > first["step"] and second["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
 
 
 def test_a_resumed_run_keeps_its_budget(tiny_data, tmp_path, monkeypatch):
