@@ -437,8 +437,7 @@ def resume(run, fresh):
     history = state["history"]
     end_seconds, save_seconds = state.get("reserve_s", (0.0, 0.0))
     return Progress(run.device, state["step"], state["best_val"], history, guide=state.get("guide"),
-                    end_seconds=end_seconds,
-                    save_seconds=save_seconds,
+                    end_seconds=end_seconds, save_seconds=save_seconds,
                     elapsed_before=state.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0))
 
 
