@@ -162,6 +162,13 @@ def build_model(cfg, num_classes=0):
                 conditions_of(cfg)[1])
 
 
+def load_network(cfg, num_classes, weights, device):
+    """build_model(cfg, num_classes) holding these weights, on device (channels-last), for inference."""
+    model = build_model(cfg, num_classes)
+    model.load_state_dict(weights)
+    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
 def guided_output(model, x, t, y=None, s=None, scale=1.0):
     """The model's output under classifier-free guidance, uncond + scale * (cond - uncond), the pair in one batched
     call; scale 0 is the unconditional model, 1 the conditional one. y and s as for UNet.forward."""

@@ -17,7 +17,7 @@ from torchvision.utils import make_grid
 import dataset
 import evaluate
 import utils
-from modules import Denoiser, build_model
+from modules import Denoiser, load_network
 from utils import UserError
 
 PROCESS_ROWS = 6  # samples shown in process.png / process.gif
@@ -37,11 +37,9 @@ def load_model(path, use_ema, device):
 
     def network(weights):
         try:
-            model = build_model(cfg, len(classes))
-            model.load_state_dict(weights)
+            return load_network(cfg, len(classes), weights, device)
         except (KeyError, RuntimeError, TypeError) as e:
             raise UserError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
-        return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
     model = network(state.get("ema" if use_ema else "model"))
     guide = guide and {"step": guide["step"], "model": network(guide["weights"])}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import dataset
 import utils
-from modules import Denoiser, build_model
+from modules import Denoiser, build_model, load_network
 from utils import UserError
 
 # settings a checkpoint must share with the run that resumes it
@@ -539,9 +539,7 @@ def guide_model(run, progress):
     """The early snapshot as a network, or None before it is taken."""
     if progress.guide is None:
         return None
-    model = build_model(run.cfg, len(run.classes)).to(run.device, memory_format=torch.channels_last)
-    model.load_state_dict(progress.guide["weights"])
-    return model.eval().requires_grad_(False)
+    return load_network(run.cfg, len(run.classes), progress.guide["weights"], run.device)
 
 
 def validate(run, progress):
