@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dataset
 import train
 import utils
-from modules import build_model, groups
+from modules import Denoiser, build_model, groups
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
                     "RTX 4090": 165, "RTX 3090": 71, "V100": 125}  # dense bf16 (fp16 for V100) tensor-core peaks
@@ -115,14 +115,12 @@ class TrainingRun:
 
 
 def sampling_speed(run, sampler, steps, batch):
-    """Images per second of one batch through the sampler (after one warm-up batch)."""
+    """Images per second of one batch through the sampler as predict.py runs it (the network, and under
+    AUTOGUIDANCE a second, same-sized call standing in for the early snapshot), after one warm-up batch."""
     cfg, device = run.cfg, run.device
     model = run.ema.module.eval()
     net = torch.compile(model) if run.net is not run.model else model
-
-    def call(x, t):
-        with run.autocast:
-            return net(x, t)
+    call = Denoiser(net, guide=net, autoguidance=cfg["AUTOGUIDANCE"])
     shape = (batch, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"])
     times = []
     for _ in range(2):
@@ -242,6 +240,7 @@ def summarise(runs, rates, cfg, device, args):
         result["ours"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     if "diffusers" in runs:
         result["train_speedup_vs_diffusers"] = result["ours"]["train_img_per_s"] / result["diffusers"]["train_img_per_s"]
+    result["sample_autoguidance"] = cfg["AUTOGUIDANCE"]  # above 1, every sampling step calls two networks
     result["ours"]["sample_dpm++sde25_img_per_s"] = sampling_speed(runs["ours"], "dpm++sde", 25, cfg["SAMPLE_BATCH"])
     if args.ddpm_batch:
         result["ours"]["sample_ddpm1000_img_per_s"] = sampling_speed(runs["ours"], "ddpm", cfg["TIMESTEPS"],
@@ -260,8 +259,8 @@ def print_report(result, cfg):
                   + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
     if "train_speedup_vs_diffusers" in result:
         print(f"  speed-up vs diffusers: {result['train_speedup_vs_diffusers']:.2f}x")
-    print("  sampling: " + ", ".join(f"{k.split('_')[1]} {v:.1f} img/s" for k, v in result["ours"].items()
-                                     if k.startswith("sample_")))
+    rates = ", ".join(f"{k.split('_')[1]} {v:.1f} img/s" for k, v in result["ours"].items() if k.startswith("sample_"))
+    print(f"  sampling (autoguidance {result['sample_autoguidance']:g}): {rates}")
 
 
 def main():

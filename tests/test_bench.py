@@ -1,7 +1,12 @@
 """bench.py runs on CPU in a tiny configuration and writes its JSON."""
 import json
 import os
+from types import SimpleNamespace
 
+import torch
+
+import bench
+import utils
 from conftest import TINY, run_script
 
 
@@ -25,3 +30,25 @@ def test_bench_ingest_times_scans_and_cleans_up(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "2 scans" in r.stdout and "cold" in r.stdout and "warm" in r.stdout and "cache" in r.stdout
     assert not [f for f in os.listdir(tmp_path) if f.startswith("bench_ingest_")]  # the scans are deleted
+
+
+class CountingNet(torch.nn.Module):
+    """A network that outputs zeros and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, t, *cond):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+def test_sampling_speed_times_the_guides_call_too():
+    for autoguidance, calls_per_step in ((1.25, 2), (1.0, 1)):
+        net = CountingNet()
+        cfg = dict(utils.constants(), IMAGE_SIZE=8, AUTOGUIDANCE=autoguidance)
+        run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), ema=SimpleNamespace(module=net), net=net, model=net,
+                              schedule=utils.NoiseSchedule(100, "cosine", "v"))
+        assert bench.sampling_speed(run, "dpm++sde", 5, 2) > 0
+        assert net.calls == 2 * 5 * calls_per_step  # a warm-up batch and a timed one, 5 steps each
