@@ -32,6 +32,7 @@ MODEL_KEYS = ("IMAGE_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RE
 RESUME_KEYS = ("model", "ema", "optimizer", "noise_rng", "cpu_rng", "step", "best_val", "history")
 VAL_IMAGES = 512  # validation images (fixed subset, fixed noise and timesteps)
 GRID_SAMPLES = 36  # images in each training sample grid
+GRID_STEPS = 25  # sampler steps of the training grids, previews that should not eat the budget (at most SAMPLE_STEPS)
 
 
 def setup_distributed():
@@ -202,16 +203,16 @@ def validation_loss(model, schedule, val, val_cond, cfg, device, autocast):
 
 
 def sample_grid(ema_model, guide, schedule, cfg, device, path, classes):
-    """A grid of EMA samples with the fast sampler and a fixed seed (comparable across epochs), autoguided by the
-    guide once there is one; conditional models cycle through the classes (rows of the grid) and spread the slice
-    positions from bottom to top."""
+    """A grid of EMA samples with the fast sampler in GRID_STEPS steps and a fixed seed (comparable across epochs),
+    autoguided by the guide once there is one; conditional models cycle through the classes (rows of the grid) and
+    spread the slice positions from bottom to top."""
     gen = torch.Generator(device=device).manual_seed(cfg["SEED"])
     positions = (0.0, 1.0) if utils.conditions_of(cfg)[1] else None
     y, s = utils.spread_conditions(GRID_SAMPLES, list(range(len(classes))), positions)
     y, s = (None if c is None else c.to(device) for c in (y, s))
     x = schedule.sample(Denoiser(ema_model, y, s, cfg["GUIDANCE"], guide, cfg["AUTOGUIDANCE"]),
                         (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
-                        cfg["SAMPLE_STEPS"], generator=gen, device=device, spacing=cfg["STEP_SPACING"])
+                        min(GRID_STEPS, cfg["SAMPLE_STEPS"]), generator=gen, device=device, spacing=cfg["STEP_SPACING"])
     utils.save_png(x, path, nrow=6)
 
 

@@ -322,3 +322,17 @@ def test_a_resumed_run_keeps_its_budget(tiny_data, tmp_path, monkeypatch):
     assert first["elapsed_s"] == 15 and first["step"] == 5  # 9 s, 1 step, 5 s
     second = train_in_process(monkeypatch, *common, "--train-minutes", "0.5")
     assert second["elapsed_s"] == 29 and second["step"] == 12  # 3 steps and validation, 4 and validation, grid
+
+
+def test_training_grids_sample_in_grid_steps(tmp_path):
+    calls = []
+
+    def net(x, t, *cond):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+    schedule = utils.NoiseSchedule(1000, "cosine", "v")
+    for sample_steps, expected in ((100, train.GRID_STEPS), (10, 10)):  # previews: GRID_STEPS, at most SAMPLE_STEPS
+        calls.clear()
+        cfg = dict(utils.constants(), IMAGE_SIZE=8, SAMPLE_STEPS=sample_steps)
+        train.sample_grid(net, None, schedule, cfg, torch.device("cpu"), str(tmp_path / "grid.png"), [])
+        assert len(calls) == expected and os.path.exists(tmp_path / "grid.png")
