@@ -32,8 +32,7 @@ def load_model(path, use_ema, device):
     """The network and noise schedule exactly as the checkpoint describes them, and the early snapshot that
     autoguidance uses as {"step", "model"} (None when the checkpoint has none)."""
     state = utils.load_checkpoint(path)
-    cfg, classes = state["config"], state.get("classes", [])
-    guide = state.get("guide")
+    cfg, classes, snapshot = state["config"], state.get("classes", []), state.get("guide")
 
     def network(weights):
         try:
@@ -42,7 +41,7 @@ def load_model(path, use_ema, device):
             raise UserError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
 
     model = network(state.get("ema" if use_ema else "model"))
-    guide = guide and {"step": guide["step"], "model": network(guide["weights"])}
+    guide = snapshot and {"step": snapshot["step"], "model": network(snapshot["weights"])}
     schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
     return model, schedule, cfg, classes, state.get("step", 0), guide
 
