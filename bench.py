@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import nibabel
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
@@ -30,22 +31,24 @@ INGEST_SHAPE = (256, 256, 170)  # --ingest: voxels of each synthetic scan (int16
 
 
 class DiffusersUNet(torch.nn.Module):
-    """diffusers' UNet2DModel with our widths, depths and attention resolutions, called like ours."""
+    """diffusers' UNet2DModel with our widths, depths, attention resolutions and pixel folding, called like ours."""
 
     def __init__(self, cfg):
         super().__init__()
         from diffusers import UNet2DModel
+        self.patch = cfg["PATCH_SIZE"]
+        size, channels = cfg["IMAGE_SIZE"] // self.patch, cfg["CHANNELS"] * self.patch ** 2
         widths = [cfg["BASE_CHANNELS"] * m for m in cfg["CHANNEL_MULT"]]
-        attn = [cfg["IMAGE_SIZE"] // 2 ** i in cfg["ATTN_RESOLUTIONS"] for i in range(len(widths))]
+        attn = [size // 2 ** i in cfg["ATTN_RESOLUTIONS"] for i in range(len(widths))]
         self.net = UNet2DModel(
-            sample_size=cfg["IMAGE_SIZE"], in_channels=cfg["CHANNELS"], out_channels=cfg["CHANNELS"],
+            sample_size=size, in_channels=channels, out_channels=channels,
             layers_per_block=cfg["NUM_RES_BLOCKS"], block_out_channels=widths, norm_num_groups=groups(widths[0]),
             down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
             up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
             attention_head_dim=widths[-1] // cfg["NUM_HEADS"], dropout=cfg["DROPOUT"])
 
     def forward(self, x, t, y=None, s=None):
-        return self.net(x, t).sample
+        return F.pixel_shuffle(self.net(F.pixel_unshuffle(x, self.patch), t).sample, self.patch)
 
 
 def peak_tflops(device, override):

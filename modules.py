@@ -87,15 +87,16 @@ class UNet(nn.Module):
     """
 
     def __init__(self, image_size=128, channels=1, base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                 attn_resolutions=(16,), num_heads=4, dropout=0.0, num_classes=0, slice_positions=False):
+                 attn_resolutions=(16,), num_heads=4, dropout=0.0, num_classes=0, slice_positions=False,
+                 patch_size=1):
         super().__init__()
-        factor = 2 ** (len(channel_mult) - 1)
+        factor = patch_size * 2 ** (len(channel_mult) - 1)
         if image_size % factor:
             raise UserError(f"IMAGE_SIZE {image_size} is not a multiple of the U-Net's downsampling factor {factor}")
-        sizes = [image_size // 2 ** i for i in range(len(channel_mult))]
+        sizes = [image_size // patch_size // 2 ** i for i in range(len(channel_mult))]
         if any(r not in sizes for r in attn_resolutions):
             raise UserError(f"ATTN_RESOLUTIONS {tuple(attn_resolutions)} must be among the U-Net's resolutions {sizes}")
-        self.base_channels, self.num_classes = base_channels, num_classes
+        self.base_channels, self.num_classes, self.patch_size = base_channels, num_classes, patch_size
         emb_dim = max(128, 4 * base_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None  # last entry: no class
@@ -107,7 +108,7 @@ class UNet(nn.Module):
         if slice_positions:
             nn.init.zeros_(self.slice_mlp[-1].weight)
             nn.init.zeros_(self.slice_mlp[-1].bias)
-        self.stem = nn.Conv2d(channels, base_channels, 3, padding=1)
+        self.stem = nn.Conv2d(channels * patch_size ** 2, base_channels, 3, padding=1)
 
         self.down, skips, ch = nn.ModuleList(), [base_channels], base_channels
         for i, mult in enumerate(channel_mult):
@@ -130,7 +131,7 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(ch, ch, 3, padding=1)))
-        self.out = nn.Sequential(nn.GroupNorm(groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, channels * patch_size ** 2, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -143,7 +144,7 @@ class UNet(nn.Module):
             s = torch.full(t.shape, math.nan, device=t.device) if s is None else s
             given = self.slice_mlp(timestep_embedding(SLICE_SCALE * s.nan_to_num(), self.base_channels))
             emb = emb + torch.where(s.isnan()[:, None], self.no_slice.to(given.dtype), given)
-        h = self.stem(x)
+        h = self.stem(F.pixel_unshuffle(x, self.patch_size))
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, Level) else layer(h)
@@ -152,14 +153,14 @@ class UNet(nn.Module):
             h = layer(h, emb)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, Level) else layer(h)
-        return self.out(h)
+        return F.pixel_shuffle(self.out(h), self.patch_size)
 
 
 def build_model(cfg, num_classes=0):
     """The U-Net described by a configuration dict (the constants of utils.py) and the number of classes."""
     return UNet(cfg["IMAGE_SIZE"], cfg["CHANNELS"], cfg["BASE_CHANNELS"], tuple(cfg["CHANNEL_MULT"]),
                 cfg["NUM_RES_BLOCKS"], tuple(cfg["ATTN_RESOLUTIONS"]), cfg["NUM_HEADS"], cfg["DROPOUT"], num_classes,
-                conditions_of(cfg)[1])
+                conditions_of(cfg)[1], cfg["PATCH_SIZE"])
 
 
 def load_network(cfg, num_classes, weights, device):

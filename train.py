@@ -26,7 +26,7 @@ from modules import Denoiser, build_model, load_network
 from utils import UserError
 
 # settings a checkpoint must share with the run that resumes it
-MODEL_KEYS = ("IMAGE_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RES_BLOCKS", "ATTN_RESOLUTIONS",
+MODEL_KEYS = ("IMAGE_SIZE", "PATCH_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RES_BLOCKS", "ATTN_RESOLUTIONS",
               "NUM_HEADS", "TIMESTEPS", "BETA_SCHEDULE", "PREDICTION", "CONDITION")
 # what a checkpoint must hold to be resumed from (best.pt, for one, has no optimizer)
 RESUME_KEYS = ("model", "ema", "optimizer", "noise_rng", "cpu_rng", "step", "best_val", "history")
@@ -156,9 +156,13 @@ def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, position
     noise = torch.randn((n, *images.shape[1:]), generator=gen, device=device)[mine]
     if cfg["TIMESTEP_SAMPLING"] == "uniform":
         t = torch.randint(0, cfg["TIMESTEPS"], (n,), generator=gen, device=device)[mine]
-    else:  # logit-normal: t / T = sigmoid(z), z ~ N(0, 1)
+    elif cfg["TIMESTEP_SAMPLING"] == "logit-normal":  # t / T = sigmoid(z), z ~ N(0, 1)
         u = torch.randn(n, generator=gen, device=device).sigmoid()
         t = (u * cfg["TIMESTEPS"]).long().clamp(max=cfg["TIMESTEPS"] - 1)[mine]
+    else:  # edm: ln sigma ~ N(EDM_MEAN, EDM_STD^2), each sigma taken to the first step t whose sigma_t reaches it
+        sigma = (cfg["EDM_MEAN"] + cfg["EDM_STD"] * torch.randn(n, generator=gen, device=device)).exp()
+        levels = utils.noise_levels(cfg["BETA_SCHEDULE"], cfg["TIMESTEPS"]).to(device)
+        t = torch.searchsorted(levels, sigma).clamp(max=cfg["TIMESTEPS"] - 1)[mine]
     flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
     drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]
     x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)

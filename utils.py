@@ -4,6 +4,7 @@ Edit the constants below, or override any of them on the command line
 (`python train.py --image-size 64 --channel-mult 1,2,2`).
 """
 import argparse
+import functools
 import math
 import os
 import re
@@ -24,8 +25,9 @@ CONDITION = "none"  # what generation can be asked for: 'none' | 'class' (e.g. A
 # Network
 BASE_CHANNELS = 64  # width of the first U-Net level
 CHANNEL_MULT = (1, 2, 2, 4, 4)  # width multiplier per level; each level after the first halves the resolution
+PATCH_SIZE = 1  # pixels per side folded into channels before the U-Net (2: a 64 px image enters it as 32 px)
 NUM_RES_BLOCKS = 2  # residual blocks per level on the way down
-ATTN_RESOLUTIONS = (16, 8)  # resolutions (pixels) that get self-attention
+ATTN_RESOLUTIONS = (16, 8)  # resolutions (pixels of the U-Net's feature maps) that get self-attention
 NUM_HEADS = 4  # attention heads
 DROPOUT = 0.0  # dropout inside residual blocks
 # Diffusion
@@ -33,7 +35,9 @@ TIMESTEPS = 1000  # diffusion steps T
 BETA_SCHEDULE = "cosine"  # 'linear' | 'cosine' | 'sigmoid'
 PREDICTION = "v"  # what the network predicts: 'eps' | 'v' | 'x0'
 MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off: a plain MSE of the prediction)
-TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid noise levels more often, as SD3)
+TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid levels often, as SD3) | 'edm' (low)
+EDM_MEAN = -1.2  # 'edm' (Karras et al. 2022): mean of ln sigma, sigma = sqrt((1 - abar) / abar) the noise-to-signal ratio
+EDM_STD = 1.2  # 'edm': spread of ln sigma
 COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
 GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
 AUTOGUIDANCE = 1.25  # sampling: early + w (model - early), steering away from an early snapshot's errors (1: off)
@@ -146,7 +150,7 @@ def config_from_args(args):
 
 def check_config(cfg):
     """Refuse contradictory or out-of-range settings with one clear line."""
-    for name in ("IMAGE_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "TIMESTEPS", "EPOCHS", "SAMPLE_STEPS",
+    for name in ("IMAGE_SIZE", "PATCH_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "TIMESTEPS", "EPOCHS", "SAMPLE_STEPS",
                  "NUM_SAMPLES", "SAMPLE_BATCH", "CHANNELS", "NUM_HEADS", "SAMPLE_EVERY", "CHECKPOINT_EVERY",
                  "LOG_EVERY"):
         if cfg[name] <= 0:
@@ -171,17 +175,18 @@ def check_config(cfg):
         raise UserError(f"LR_FLOOR must be in [0, 1] (a share of LR), got {cfg['LR_FLOOR']}: use --lr-floor 0.1")
     for name, allowed in (("CONDITION", CONDITIONS), ("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS),
                           ("PREDICTION", PREDICTIONS), ("LR_DECAY", ("constant", "cosine")),
-                          ("TIMESTEP_SAMPLING", ("uniform", "logit-normal")),
+                          ("TIMESTEP_SAMPLING", ("uniform", "logit-normal", "edm")),
                           ("COMPILE", ("auto", "true", "false"))):
         if cfg[name] not in allowed:
             raise UserError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
     if not cfg["CHANNEL_MULT"] or min(cfg["CHANNEL_MULT"]) <= 0:
         raise UserError(f"CHANNEL_MULT must be positive integers, got {cfg['CHANNEL_MULT']}")
-    factor = 2 ** (len(cfg["CHANNEL_MULT"]) - 1)
+    factor = cfg["PATCH_SIZE"] * 2 ** (len(cfg["CHANNEL_MULT"]) - 1)
     if cfg["IMAGE_SIZE"] % factor:
         raise UserError(f"IMAGE_SIZE {cfg['IMAGE_SIZE']} is not a multiple of {factor}, the U-Net's downsampling "
-                        f"factor for CHANNEL_MULT {cfg['CHANNEL_MULT']}: pick a multiple of {factor}")
-    sizes = {cfg["IMAGE_SIZE"] // 2 ** i for i in range(len(cfg["CHANNEL_MULT"]))}
+                        f"factor for PATCH_SIZE {cfg['PATCH_SIZE']} and CHANNEL_MULT {cfg['CHANNEL_MULT']}: pick a "
+                        f"multiple of {factor}")
+    sizes = {cfg["IMAGE_SIZE"] // cfg["PATCH_SIZE"] // 2 ** i for i in range(len(cfg["CHANNEL_MULT"]))}
     for r in cfg["ATTN_RESOLUTIONS"]:
         if r not in sizes:
             raise UserError(f"ATTN_RESOLUTIONS has {r}, which never occurs in the U-Net at IMAGE_SIZE "
@@ -206,6 +211,13 @@ def spread_conditions(n, classes, positions=(0.0, 1.0)):
 
 
 # ---------------------------------------------------------------- noise schedule
+@functools.lru_cache
+def noise_levels(schedule, timesteps):
+    """sigma_t = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of each step t = 0..T-1 (rising)."""
+    abar = torch.cumprod(1 - make_betas(schedule, timesteps), 0)
+    return ((1 - abar) / abar).sqrt().float()
+
+
 def make_betas(schedule, timesteps):
     """Betas in float64: 'linear' (Ho et al. 2020), 'cosine' (Nichol & Dhariwal 2021) or 'sigmoid'."""
     if schedule == "linear":
@@ -436,4 +448,5 @@ def load_checkpoint(path, advice="delete it or pass another --checkpoint"):
         raise UserError(f"{path} is not a checkpoint of this project (no model or config in it)")
     if "CONDITION" not in state["config"]:  # written before CONDITION: CONDITIONAL=True meant class conditioning
         state["config"]["CONDITION"] = "class" if state["config"].pop("CONDITIONAL", False) else "none"
+    state["config"].setdefault("PATCH_SIZE", 1)  # written before PATCH_SIZE: no pixels were folded
     return state

@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1; shift
 mkdir -p "$out"
-base=(--image-size 64 --base-channels 16 --channel-mult 1,2,4,8 --num-res-blocks 1 --attn-resolutions 8
-      --batch-size 16 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --min-snr-gamma 0 --train-minutes 8 --sample-every 1000
-      --checkpoint-every 100000 --seed 0)
+base=(--image-size 64 --patch-size 2 --base-channels 32 --channel-mult 1,2,4 --num-res-blocks 1 --attn-resolutions 8
+      --batch-size 16 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --min-snr-gamma 0 --timestep-sampling edm
+      --train-minutes 8 --sample-every 1000 --checkpoint-every 100000 --seed 0)
 for config in "$@"; do
   name=${config%%|*}; flags=${config#*|}
   run="$out/$name"

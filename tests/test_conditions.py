@@ -253,17 +253,19 @@ def test_slice_stacks_open_the_right_way_up():
     assert torch.equal(back.to(torch.uint8), slices)
 
 
-def test_a_checkpoint_from_before_condition_loads_as_class(conditional_run, tmp_path):
+def test_a_checkpoint_from_before_condition_and_patch_size_loads_as_class_unpatched(conditional_run, tmp_path):
     state = torch.load(os.path.join(conditional_run, "checkpoint.pt"), weights_only=True)
     model = UNet(16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
                  num_classes=2)  # the class-only network of the old format
     state["model"] = state["ema"] = model.state_dict()
     del state["guide"]  # the old format had no early snapshot either
     state["config"].pop("CONDITION")
+    state["config"].pop("PATCH_SIZE")  # nor pixels folded into channels
     state["config"]["CONDITIONAL"] = True
     torch.save(state, tmp_path / "old.pt")
     model, _, cfg, classes, _, _ = predict.load_model(str(tmp_path / "old.pt"), True, torch.device("cpu"))
     assert cfg["CONDITION"] == "class" and classes == ["AD", "NC"] and model.slice_mlp is None
+    assert cfg["PATCH_SIZE"] == 1 and model.patch_size == 1
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from utils import NoiseSchedule, SCHEDULES
+from utils import NoiseSchedule, SCHEDULES, noise_levels
 
 MU, SIGMA = 0.3, 0.5  # per-pixel data distribution N(MU, SIGMA^2)
 
@@ -154,3 +154,15 @@ def test_starting_part_way_denoises(sampler):
         assert (out - exact).abs().mean() < 0.01 < 0.1 < (x_t - exact).abs().mean()
     else:  # a fresh posterior draw: correlated with x0 as rho^2 = 0.19 (a start from scratch would give 0)
         assert torch.corrcoef(torch.stack([out, x0]))[0, 1] > 0.12
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_noise_levels_are_each_steps_noise_to_signal_ratio(schedule):
+    """x_t / sqrt(abar_t) = x0 + sigma_t noise: sigma_t is the noise that rides on the unscaled image."""
+    sched = NoiseSchedule(200, schedule, "eps")
+    t = torch.tensor([0, 50, 120, 199])
+    x0, noise = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    unscaled = sched.q_sample(x0, t, noise) / sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).float()
+    levels = noise_levels(schedule, 200)
+    torch.testing.assert_close(unscaled - x0, levels[t].view(-1, 1, 1, 1) * noise, rtol=1e-3, atol=1e-4)
+    assert torch.all(levels[1:] > levels[:-1])  # rising: searchsorted may look a sigma up in it

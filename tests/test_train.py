@@ -188,6 +188,21 @@ def test_training_timesteps_follow_timestep_sampling(sampling, middle_half):
     assert abs(t.float().mean().item() - 49.5) < 1.0  # both symmetric about the middle
 
 
+@pytest.mark.parametrize("mean, std", [(-1.2, 1.2), (0.5, 0.6)])
+def test_edm_timesteps_put_ln_sigma_on_a_normal(mean, std):
+    """edm: t is the first step whose noise-to-signal ratio sigma_t reaches a sigma with ln sigma ~ N(mean, std^2),
+    so P(t <= k) = Phi((ln sigma_k - mean) / std) for every k."""
+    n = 20000
+    cfg = batch_config(TIMESTEPS=1000, TIMESTEP_SAMPLING="edm", EDM_MEAN=mean, EDM_STD=std)
+    images, idx, gen = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), torch.Generator().manual_seed(0)
+    t = train.make_batch(images, idx, gen, cfg, 0, 1, torch.device("cpu"))[1]
+    levels = utils.noise_levels(cfg["BETA_SCHEDULE"], 1000)
+    normal = torch.distributions.Normal(mean, std)
+    for k in (30, 100, 200, 400, 700):
+        assert abs((t <= k).float().mean() - normal.cdf(levels[k].log())) < 0.015, k
+    assert t.min() >= 0 and t.max() <= 999
+
+
 def test_conditions_are_dropped_independently_at_cond_drop():
     n = 4000
     images, idx = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)

@@ -48,11 +48,25 @@ def test_class_label_changes_output():
     assert not torch.allclose(model(x, t, torch.tensor([0])), model(x, t, torch.tensor([1])))
 
 
+def test_patch_size_runs_the_unet_on_folded_pixels():
+    """PATCH_SIZE 2: a 64 px image enters the U-Net as 32 px with 4 channels and leaves at 64 px."""
+    model = UNet(64, patch_size=2, attn_resolutions=(16,), **TINY)
+    seen = []
+    model.stem.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].shape, output.shape)))
+    x = torch.randn(2, 1, 64, 64)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+    assert seen == [(torch.Size([2, 4, 32, 32]), torch.Size([2, 8, 32, 32]))]
+    with pytest.raises(UserError, match="ATTN_RESOLUTIONS"):  # attention sizes are the U-Net's own, after folding
+        UNet(64, patch_size=2, attn_resolutions=(64,), **TINY)
+
+
 def test_bad_sizes_are_refused():
     with pytest.raises(UserError, match="multiple"):
         UNet(36, channel_mult=(1, 2, 2, 2), attn_resolutions=())
     with pytest.raises(UserError, match="ATTN_RESOLUTIONS"):
         UNet(32, attn_resolutions=(5,), **TINY)
+    with pytest.raises(UserError, match="multiple of the U-Net's downsampling factor 6"):
+        UNet(32, patch_size=3, attn_resolutions=(), **TINY)
 
 
 def shapes(size=16):
@@ -62,12 +76,15 @@ def shapes(size=16):
     return torch.stack([m.float() * 2 - 1 for m in masks])[:, None]
 
 
-def test_tiny_unet_learns_to_denoise_and_needs_x_t_and_t():
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_tiny_unet_learns_to_denoise_and_needs_x_t_and_t(patch_size):
     """Trained to predict the noise in noised copies of four shapes at t in [50, 600], the U-Net's loss falls far
-    below the noise's variance; it rises back when it is shown another image's x_t or told another t."""
+    below the noise's variance; it rises back when it is shown another image's x_t or told another t. With
+    PATCH_SIZE 2 too: folding pixels into channels loses nothing the network needs."""
     torch.manual_seed(0)
     family = shapes()
-    model = UNet(16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+    model = UNet(16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                 patch_size=patch_size)
     schedule = NoiseSchedule(1000, "cosine", "eps")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
