@@ -84,6 +84,8 @@ class UNet(nn.Module):
     `num_classes` adds a class embedding and `slice_positions` a sinusoidal embedding of the slice position in
     [0, 1]; both are added to the time embedding. Call `model(x_t, t, y, s)`: a class index of -1, a position of
     NaN, or None for all, means 'not given' (a learned entry of its own, which classifier-free guidance uses).
+    `patch_size` p folds each p x p block of pixels into channels on the way in and back on the way out, so the
+    U-Net runs at 1/p of the image's side.
     """
 
     def __init__(self, image_size=128, channels=1, base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
@@ -131,7 +133,8 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(ch, ch, 3, padding=1)))
-        self.out = nn.Sequential(nn.GroupNorm(groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, channels * patch_size ** 2, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(groups(ch), ch), nn.SiLU(),
+                                 nn.Conv2d(ch, channels * patch_size ** 2, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -26,8 +26,8 @@ from modules import Denoiser, build_model, load_network
 from utils import UserError
 
 # settings a checkpoint must share with the run that resumes it
-MODEL_KEYS = ("IMAGE_SIZE", "PATCH_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RES_BLOCKS", "ATTN_RESOLUTIONS",
-              "NUM_HEADS", "TIMESTEPS", "BETA_SCHEDULE", "PREDICTION", "CONDITION")
+MODEL_KEYS = ("IMAGE_SIZE", "PATCH_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_MULT", "NUM_RES_BLOCKS",
+              "ATTN_RESOLUTIONS", "NUM_HEADS", "TIMESTEPS", "BETA_SCHEDULE", "PREDICTION", "CONDITION")
 # what a checkpoint must hold to be resumed from (best.pt, for one, has no optimizer)
 RESUME_KEYS = ("model", "ema", "optimizer", "noise_rng", "cpu_rng", "step", "best_val", "history")
 VAL_IMAGES = 512  # validation images (fixed subset, fixed noise and timesteps)

@@ -36,7 +36,7 @@ BETA_SCHEDULE = "cosine"  # 'linear' | 'cosine' | 'sigmoid'
 PREDICTION = "v"  # what the network predicts: 'eps' | 'v' | 'x0'
 MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off: a plain MSE of the prediction)
 TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid levels often, as SD3) | 'edm' (low)
-EDM_MEAN = -1.2  # 'edm' (Karras et al. 2022): mean of ln sigma, sigma = sqrt((1 - abar) / abar) the noise-to-signal ratio
+EDM_MEAN = -1.2  # 'edm' (Karras et al. 2022): mean of ln sigma, sigma = sqrt((1 - abar) / abar) the noise's scale
 EDM_STD = 1.2  # 'edm': spread of ln sigma
 COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
 GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
