@@ -161,7 +161,7 @@ def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, position
         t = (u * cfg["TIMESTEPS"]).long().clamp(max=cfg["TIMESTEPS"] - 1)[mine]
     else:  # edm: ln sigma ~ N(EDM_MEAN, EDM_STD^2), each sigma taken to the first step t whose sigma_t reaches it
         sigma = (cfg["EDM_MEAN"] + cfg["EDM_STD"] * torch.randn(n, generator=gen, device=device)).exp()
-        levels = utils.noise_levels(cfg["BETA_SCHEDULE"], cfg["TIMESTEPS"]).to(device)
+        levels = utils.noise_levels(cfg["BETA_SCHEDULE"], cfg["TIMESTEPS"], device)
         t = torch.searchsorted(levels, sigma).clamp(max=cfg["TIMESTEPS"] - 1)[mine]
     flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
     drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]

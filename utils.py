@@ -212,10 +212,11 @@ def spread_conditions(n, classes, positions=(0.0, 1.0)):
 
 # ---------------------------------------------------------------- noise schedule
 @functools.lru_cache
-def noise_levels(schedule, timesteps):
-    """sigma_t = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of each step t = 0..T-1 (rising)."""
-    abar = torch.cumprod(1 - make_betas(schedule, timesteps), 0)
-    return ((1 - abar) / abar).sqrt().float()
+def noise_levels(schedule, timesteps, device="cpu"):
+    """sigma_t = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of each step t = 0..T-1 (rising), made
+    once per device: training looks sigmas up in it every step, with no host-to-device copy."""
+    abar = NoiseSchedule(timesteps, schedule).alphas_cumprod
+    return ((1 - abar) / abar).sqrt().float().to(device)
 
 
 def make_betas(schedule, timesteps):
