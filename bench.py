@@ -95,12 +95,12 @@ class TrainingRun:
 
     def __init__(self, model, cfg, images, device):
         self.cfg, self.images, self.device = cfg, images, device
-        self.model = model.to(device, memory_format=torch.channels_last)
+        self.bf16 = utils.wants_bf16(cfg, device)
+        self.model = model.to(device, memory_format=utils.memory_format(self.bf16, device))
         self.net = torch.compile(self.model) if utils.wants_compile(cfg, device) else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.ema = train.make_ema(self.model, cfg)
         self.schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     def run(self, steps):
@@ -111,7 +111,7 @@ class TrainingRun:
             idx = torch.randint(0, len(self.images), (self.cfg["BATCH_SIZE"],), device=self.images.device)
             x0, t, noise, cond = train.make_batch(self.images, idx, self.gen, self.cfg, 0, 1, self.device)
             train.train_step(self.net, self.model, self.optimizer, self.schedule, x0, t, noise, cond, self.cfg,
-                             self.autocast)
+                             self.bf16)
             self.ema.update_parameters(self.model)
         sync(self.device)
         return steps * self.cfg["BATCH_SIZE"] / (time.perf_counter() - start)
@@ -123,7 +123,7 @@ def sampling_speed(run, sampler, steps, batch):
     cfg, device = run.cfg, run.device
     model = run.ema.module.eval()
     net = torch.compile(model) if run.net is not run.model else model
-    call = Denoiser(net, guide=net, autoguidance=cfg["AUTOGUIDANCE"])
+    call = Denoiser(net, guide=net, autoguidance=cfg["AUTOGUIDANCE"], bf16=run.bf16)
     shape = (batch, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"])
     times = []
     for _ in range(2):
@@ -232,7 +232,7 @@ def summarise(runs, rates, cfg, device, args):
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "image_size": cfg["IMAGE_SIZE"],
               "batch_size": cfg["BATCH_SIZE"], "torch": torch.__version__,
-              "compile": runs["ours"].net is not runs["ours"].model, "peak_tflops": peak, "matmul_tflops": matmul}
+              "compile": runs["ours"].net is not runs["ours"].model, "bf16": runs["ours"].bf16, "peak_tflops": peak, "matmul_tflops": matmul}
     for name, run in runs.items():
         rate, flops = statistics.median(rates[name]), flops_per_image(run.model, cfg, device)
         result[name] = {"params_m": sum(p.numel() for p in run.model.parameters()) / 1e6,
@@ -254,7 +254,7 @@ def summarise(runs, rates, cfg, device, args):
 def print_report(result, cfg):
     """The figures as a few lines of text."""
     print(f"{result['device']}, {cfg['IMAGE_SIZE']} px, batch {cfg['BATCH_SIZE']}, torch {torch.__version__}, "
-          f"compile {result['compile']}, dense matmul {result['matmul_tflops']:.2f} TFLOP/s")
+          f"compile {result['compile']}, bf16 {result['bf16']}, dense matmul {result['matmul_tflops']:.2f} TFLOP/s")
     for name in ("ours", "diffusers"):
         if r := result.get(name):
             print(f"  {name:10s} {r['params_m']:6.1f}M params  train {r['train_img_per_s']:9.1f} img/s  "

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
 from utils import UserError, conditions_of
 
 SLICE_SCALE = 30  # slice positions in [0, 1] are embedded like timesteps in [0, 30]: at most 5 cycles, smooth between slices
@@ -166,11 +167,12 @@ def build_model(cfg, num_classes=0):
                 conditions_of(cfg)[1], cfg["PATCH_SIZE"])
 
 
-def load_network(cfg, num_classes, weights, device):
-    """build_model(cfg, num_classes) holding these weights, on device (channels-last), for inference."""
+def load_network(cfg, num_classes, weights, device, bf16):
+    """build_model(cfg, num_classes) holding these weights, on device in the memory format that suits bf16 or fp32
+    there, for inference."""
     model = build_model(cfg, num_classes)
     model.load_state_dict(weights)
-    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    return model.to(device, memory_format=utils.memory_format(bf16, device)).eval().requires_grad_(False)
 
 
 def guided_output(model, x, t, y=None, s=None, scale=1.0):
@@ -188,17 +190,17 @@ def guided_output(model, x, t, y=None, s=None, scale=1.0):
 
 class Denoiser:
     """What the samplers call, net(x_t, t): the model under classifier-free guidance for fixed conditions, in bf16
-    on CUDA; given a guide (an early snapshot of the same model), also under autoguidance (Karras et al. 2024):
+    where asked; given a guide (an early snapshot of the same model), also under autoguidance (Karras et al. 2024):
     guide + autoguidance * (model - guide), which pushes the output away from the errors the early model makes
     more of (in the quick profile: speckle in the white matter)."""
 
-    def __init__(self, model, y=None, s=None, guidance=1.0, guide=None, autoguidance=1.0):
+    def __init__(self, model, y=None, s=None, guidance=1.0, guide=None, autoguidance=1.0, bf16=False):
         self.model, self.y, self.s, self.guidance = model, y, s, guidance
-        self.guide, self.autoguidance = guide, autoguidance
+        self.guide, self.autoguidance, self.bf16 = guide, autoguidance, bf16
 
     def __call__(self, x, t):
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        x = x.contiguous(memory_format=utils.memory_format(self.bf16, x.device))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = guided_output(self.model, x, t, self.y, self.s, self.guidance)
             if self.guide is None or self.autoguidance == 1:
                 return out

@@ -28,15 +28,16 @@ SWEEP_FIELD_MM = 200  # slice_sweep.nii.gz: the width of the frame, in millimetr
 SWEEP_HEIGHT_MM = 120  # slice_sweep.nii.gz: the height slice positions 0 to 1 span, in millimetres (nominal)
 
 
-def load_model(path, use_ema, device):
+def load_model(path, use_ema, device, bf16=False):
     """The network and noise schedule exactly as the checkpoint describes them, and the early snapshot that
-    autoguidance uses as {"step", "model"} (None when the checkpoint has none)."""
+    autoguidance uses as {"step", "model"} (None when the checkpoint has none); in the memory format for bf16 or
+    fp32 sampling on device."""
     state = utils.load_checkpoint(path)
     cfg, classes, snapshot = state["config"], state.get("classes", []), state.get("guide")
 
     def network(weights):
         try:
-            return load_network(cfg, len(classes), weights, device)
+            return load_network(cfg, len(classes), weights, device, bf16)
         except (KeyError, RuntimeError, TypeError) as e:
             raise UserError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
 
@@ -128,7 +129,8 @@ class Sampling:
         """Samples from the given starting noise for conditions y, s (None: not given), with the run's sampler."""
         to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
         run = self.run
-        denoiser = Denoiser(self.net, to(y), to(s), run["GUIDANCE"], self.guide, run["AUTOGUIDANCE"])
+        denoiser = Denoiser(self.net, to(y), to(s), run["GUIDANCE"], self.guide, run["AUTOGUIDANCE"],
+                            utils.wants_bf16(run, self.device))
         return self.schedule.sample(denoiser, sampler=run["SAMPLER"],
                                     steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noise, generator=generator,
                                     device=self.device, callback=callback, spacing=run["STEP_SPACING"]).float().cpu()
@@ -279,7 +281,8 @@ def main():
     run, args = parse_settings()
     device = utils.get_device()
     path = args.checkpoint or os.path.join(run["OUTPUT_DIR"], "checkpoint.pt")
-    model, schedule, cfg, classes, step, guide = load_model(path, not args.no_ema, device)
+    bf16 = utils.wants_bf16(run, device)
+    model, schedule, cfg, classes, step, guide = load_model(path, not args.no_ema, device, bf16)
     if guide is None and run["AUTOGUIDANCE"] != 1:
         print(f"notice: {path} holds no early snapshot (trained before autoguidance, or stopped before GUIDE_AT): "
               f"sampling without autoguidance")
@@ -293,6 +296,7 @@ def main():
     sampling = Sampling(compiled(model), schedule, cfg, run, device, guide and compiled(guide["model"]))
     steps = cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"]
     print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with {steps} steps, {device}"
+          + (", bf16" if bf16 else "")
           + (f", condition {cfg['CONDITION']} (guidance {run['GUIDANCE']:g})" if classes or by_slice else "")
           + (f", autoguidance {run['AUTOGUIDANCE']:g} from step {guide['step']:,}" if run["AUTOGUIDANCE"] != 1 else ""))
 
@@ -313,13 +317,13 @@ def main():
         data_cfg = dict(cfg, DATA_DIR=run["DATA_DIR"] if run["DATA_DIR"] != utils.DATA_DIR else cfg["DATA_DIR"])
         data = dataset.load_data(data_cfg)
     images = dataset.read_folder(args.input, cfg["IMAGE_SIZE"]) if args.input else data.val[:8]
-    denoise(Denoiser(model, guide=sampling.guide, autoguidance=run["AUTOGUIDANCE"]), schedule,
+    denoise(Denoiser(model, guide=sampling.guide, autoguidance=run["AUTOGUIDANCE"], bf16=bf16), schedule,
             images[:run["SAMPLE_BATCH"]], run, args.strength, device, out)
     print(f"denoised {min(len(images), run['SAMPLE_BATCH'])} images at strength {args.strength} -> {out}/denoise.png")
 
     if not args.no_metrics:
         result = measure(sampling, samples, cond, data, args.tstr)
-        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"], autoguidance=run["AUTOGUIDANCE"],
+        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"], autoguidance=run["AUTOGUIDANCE"], bf16=bf16,
                       images_per_s=len(samples) / seconds, checkpoint=path, step=step)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)

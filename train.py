@@ -136,11 +136,11 @@ def ema_lerp(ema_params, params, num_averaged, max_decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def batch_loss(model, schedule, x0, t, noise, cond, cfg, autocast):
-    """Per-image min-SNR-weighted MSE of the network's prediction; cond = (class labels, slice positions), either
-    None where the model has no such condition."""
+def batch_loss(model, schedule, x0, t, noise, cond, cfg, bf16):
+    """Per-image min-SNR-weighted MSE of the network's prediction (under bf16 autocast if asked); cond = (class
+    labels, slice positions), either None where the model has no such condition."""
     x_t = schedule.q_sample(x0, t, noise)
-    with autocast:
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x_t, t, *cond)
     err = (out.float() - schedule.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
     return err * schedule.loss_weight(t, cfg["MIN_SNR_GAMMA"])
@@ -166,17 +166,17 @@ def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, position
     flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
     drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]
     x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)
-    x0 = x0.contiguous(memory_format=torch.channels_last)
+    x0 = x0.contiguous(memory_format=utils.memory_format(utils.wants_bf16(cfg, device), device))
     if cfg["HFLIP"]:
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     y = None if labels is None else torch.where(drop_class, -1, labels[idx[mine]])
     s = None if positions is None else torch.where(drop_slice, torch.nan, positions[idx[mine]])
-    return x0, t, noise.contiguous(memory_format=torch.channels_last), (y, s)
+    return x0, t, noise.contiguous(memory_format=utils.memory_format(utils.wants_bf16(cfg, device), device)), (y, s)
 
 
-def train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, autocast):
+def train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, bf16):
     """One optimizer step; returns (loss, skipped) as device tensors, without syncing with the host."""
-    loss = batch_loss(net, schedule, x0, t, noise, cond, cfg, autocast).mean()
+    loss = batch_loss(net, schedule, x0, t, noise, cond, cfg, bf16).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
@@ -187,7 +187,7 @@ def train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, autocas
 
 
 @torch.no_grad()
-def validation_loss(model, schedule, val, val_cond, cfg, device, autocast):
+def validation_loss(model, schedule, val, val_cond, cfg, device, bf16):
     """Loss on a fixed validation subset at fixed timesteps and fixed noise, given the conditions the model takes
     (val_cond: held-out labels and positions, or None): comparable across epochs."""
     gen = torch.Generator(device="cpu").manual_seed(cfg["SEED"] + 1)
@@ -202,7 +202,7 @@ def validation_loss(model, schedule, val, val_cond, cfg, device, autocast):
         sl = slice(i, i + cfg["BATCH_SIZE"])
         part = [None if c is None else c[sl].to(device) for c in cond]
         total += batch_loss(model, schedule, x0[sl].to(device), t[sl].to(device), noise[sl].to(device), part,
-                            cfg, autocast).sum().item()
+                            cfg, bf16).sum().item()
     return total / n
 
 
@@ -214,7 +214,8 @@ def sample_grid(ema_model, guide, schedule, cfg, device, path, classes):
     positions = (0.0, 1.0) if utils.conditions_of(cfg)[1] else None
     y, s = utils.spread_conditions(GRID_SAMPLES, list(range(len(classes))), positions)
     y, s = (None if c is None else c.to(device) for c in (y, s))
-    x = schedule.sample(Denoiser(ema_model, y, s, cfg["GUIDANCE"], guide, cfg["AUTOGUIDANCE"]),
+    denoiser = Denoiser(ema_model, y, s, cfg["GUIDANCE"], guide, cfg["AUTOGUIDANCE"], utils.wants_bf16(cfg, device))
+    x = schedule.sample(denoiser,
                         (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
                         min(GRID_STEPS, cfg["SAMPLE_STEPS"]), generator=gen, device=device, spacing=cfg["STEP_SPACING"])
     utils.save_png(x, path, nrow=6)
@@ -263,7 +264,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     net: torch.nn.Module  # the model as trained: compiled and/or wrapped in DDP
     noise_gen: torch.Generator
-    autocast: torch.autocast
+    bf16: bool  # bf16 autocast (BF16 on this device)
 
     @property
     def master(self):
@@ -399,7 +400,8 @@ def build_run(cfg, data, rank, world, device):
             print(f"notice: only {len(images)} training images: using batches of {batch} instead of "
                   f"{cfg['BATCH_SIZE']}")
     steps_per_epoch = len(images) // (batch * world)
-    model = build_model(cfg, len(classes)).to(device, memory_format=torch.channels_last)
+    bf16 = utils.wants_bf16(cfg, device)
+    model = build_model(cfg, len(classes)).to(device, memory_format=utils.memory_format(bf16, device))
     compiled = torch.compile(model) if utils.wants_compile(cfg, device) else model
     cuda = device.type == "cuda"
     return Run(
@@ -413,7 +415,7 @@ def build_run(cfg, data, rank, world, device):
                                     weight_decay=cfg["WEIGHT_DECAY"], fused=True),
         net=DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled,
         noise_gen=torch.Generator(device=device).manual_seed(cfg["SEED"]),
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
+        bf16=bf16)
 
 
 def resume(run, fresh):
@@ -451,7 +453,8 @@ def describe(run):
     length = (f"{run.cfg['TRAIN_MINUTES']:g} minutes of training" if run.cfg["TRAIN_MINUTES"] else
               f"{run.total_steps:,} steps")
     print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {run.cfg['IMAGE_SIZE']} px, "
-          f"batch {run.batch} x {run.world} process(es), {run.steps_per_epoch:,} steps/epoch, {length}, {run.device}")
+          f"batch {run.batch} x {run.world} process(es), {run.steps_per_epoch:,} steps/epoch, {length}, {run.device}"
+          + (", bf16" if run.bf16 else ""))
 
 
 def start_log(run, progress):
@@ -515,7 +518,7 @@ def train_epoch(run, progress, stop):
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, progress.step, decay_progress(run, progress))
         loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, cond, cfg,
-                               run.autocast)
+                               run.bf16)
         run.ema.update_parameters(run.model)
         progress.record(loss, bad)
         keep_guide(run, progress)
@@ -544,7 +547,7 @@ def guide_model(run, progress):
     """The early snapshot as a network, or None before it is taken."""
     if progress.guide is None:
         return None
-    return load_network(run.cfg, len(run.classes), progress.guide["weights"], run.device)
+    return load_network(run.cfg, len(run.classes), progress.guide["weights"], run.device, run.bf16)
 
 
 def validate(run, progress):
@@ -554,7 +557,7 @@ def validate(run, progress):
     paused = time.perf_counter()
     val_cond = (run.data.val_labels if run.labels is not None else None,
                 run.data.val_positions if run.positions is not None else None)
-    val = validation_loss(run.ema.module, run.schedule, run.data.val, val_cond, cfg, run.device, run.autocast)
+    val = validation_loss(run.ema.module, run.schedule, run.data.val, val_cond, cfg, run.device, run.bf16)
     progress.window_start += time.perf_counter() - paused  # keep img/s a training figure
     row = log_row(run, progress, val)
     if val < progress.best_val:  # written with the next checkpoint

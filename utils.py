@@ -55,6 +55,7 @@ TRAIN_MINUTES = 20.0  # train for this many minutes of wall time, learning rate 
 EPOCHS = 250  # passes over the training split, when TRAIN_MINUTES is 0
 EMA_DECAY = 0.999  # exponential moving average of the weights (with warm-up)
 COMPILE = "auto"  # torch.compile the model: 'auto' (on CUDA only) | 'true' | 'false'
+BF16 = "auto"  # bf16 autocast: 'auto' (on CUDA, and on CPUs with AMX bf16 units) | 'true' | 'false'
 SAMPLE_EVERY = 25  # epochs between sample grids (and loss plots)
 CHECKPOINT_EVERY = 1000  # steps between checkpoints (one is also written at the end and on Ctrl-C)
 LOG_EVERY = 50  # steps between log lines and loss checks
@@ -176,7 +177,7 @@ def check_config(cfg):
     for name, allowed in (("CONDITION", CONDITIONS), ("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS),
                           ("PREDICTION", PREDICTIONS), ("LR_DECAY", ("constant", "cosine")),
                           ("TIMESTEP_SAMPLING", ("uniform", "logit-normal", "edm")),
-                          ("COMPILE", ("auto", "true", "false"))):
+                          ("COMPILE", ("auto", "true", "false")), ("BF16", ("auto", "true", "false"))):
         if cfg[name] not in allowed:
             raise UserError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
     if not cfg["CHANNEL_MULT"] or min(cfg["CHANNEL_MULT"]) <= 0:
@@ -360,6 +361,21 @@ def get_device():
 def wants_compile(cfg, device):
     """Whether COMPILE asks for torch.compile on this device ('auto': on CUDA only)."""
     return cfg["COMPILE"] == "true" or (cfg["COMPILE"] == "auto" and device.type == "cuda")
+
+
+def wants_bf16(cfg, device):
+    """Whether BF16 asks for bf16 autocast on this device ('auto': on CUDA, and on a CPU with AMX bf16 matrix units,
+    where the quick profile trains 1.5x faster; elsewhere a CPU runs bf16 slower than fp32)."""
+    if cfg["BF16"] != "auto":
+        return cfg["BF16"] == "true"
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16"))
+    return device.type == "cuda"
+
+
+def memory_format(bf16, device):
+    """channels_last, except under bf16 on a CPU, where its GroupNorm and attention kernels run several times slower."""
+    return torch.contiguous_format if bf16 and device.type == "cpu" else torch.channels_last
 
 
 def to_device_if_fits(images, device):
