@@ -120,6 +120,7 @@ class Sampling:
     run: dict  # this run's settings, with the chosen classes and positions
     device: torch.device
     guide: torch.nn.Module | None = None  # the early snapshot autoguidance steers away from (None: no autoguidance)
+    bf16: bool = False  # bf16 autocast (BF16 on this device)
 
     def noise(self, n, gen):
         return torch.randn((n, self.cfg["CHANNELS"], self.cfg["IMAGE_SIZE"], self.cfg["IMAGE_SIZE"]), generator=gen,
@@ -129,8 +130,7 @@ class Sampling:
         """Samples from the given starting noise for conditions y, s (None: not given), with the run's sampler."""
         to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
         run = self.run
-        denoiser = Denoiser(self.net, to(y), to(s), run["GUIDANCE"], self.guide, run["AUTOGUIDANCE"],
-                            utils.wants_bf16(run, self.device))
+        denoiser = Denoiser(self.net, to(y), to(s), run["GUIDANCE"], self.guide, run["AUTOGUIDANCE"], self.bf16)
         return self.schedule.sample(denoiser, sampler=run["SAMPLER"],
                                     steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noise, generator=generator,
                                     device=self.device, callback=callback, spacing=run["STEP_SPACING"]).float().cpu()
@@ -293,7 +293,7 @@ def main():
     cond = utils.spread_conditions(run["NUM_SAMPLES"], run["classes"], run["positions"])
     out = os.path.join(run["OUTPUT_DIR"], "predict")
     compiled = (lambda m: torch.compile(m) if utils.wants_compile(run, device) else m)  # noqa: E731
-    sampling = Sampling(compiled(model), schedule, cfg, run, device, guide and compiled(guide["model"]))
+    sampling = Sampling(compiled(model), schedule, cfg, run, device, guide and compiled(guide["model"]), bf16)
     steps = cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"]
     print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with {steps} steps, {device}"
           + (", bf16" if bf16 else "")

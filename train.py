@@ -508,10 +508,10 @@ def train_epoch(run, progress, stop):
     epoch, first = divmod(progress.step, run.steps_per_epoch)
     order = torch.randperm(len(run.images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
     order, global_batch = order.to(run.images.device), run.batch * run.world
-    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}" + ("" if cfg["TRAIN_MINUTES"] else
-               f"/{cfg['EPOCHS']}"), disable=not run.master, leave=False, dynamic_ncols=True,
+    bar = tqdm(total=run.steps_per_epoch, initial=first, disable=not run.master, leave=False, dynamic_ncols=True,
+               desc=f"epoch {epoch + 1}" + ("" if cfg["TRAIN_MINUTES"] else f"/{cfg['EPOCHS']}"),
                mininterval=1 if sys.stderr.isatty() else 60)
-    for i in bar:
+    for i in range(first, run.steps_per_epoch):
         idx = order[i * global_batch:(i + 1) * global_batch]
         x0, t, noise, cond = make_batch(run.images, idx, run.noise_gen, cfg, run.rank, run.world, run.device,
                                         run.labels, run.positions)
@@ -522,6 +522,7 @@ def train_epoch(run, progress, stop):
         run.ema.update_parameters(run.model)
         progress.record(loss, bad)
         keep_guide(run, progress)
+        bar.update()
         if progress.step % cfg["LOG_EVERY"] == 0:
             read_clock(run, progress)
             if progress.bad_run.item() >= cfg["MAX_NONFINITE"]:

@@ -49,6 +49,6 @@ def test_sampling_speed_times_the_guides_call_too():
         net = CountingNet()
         cfg = dict(utils.constants(), IMAGE_SIZE=8, AUTOGUIDANCE=autoguidance)
         run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), ema=SimpleNamespace(module=net), net=net, model=net,
-                              schedule=utils.NoiseSchedule(100, "cosine", "v"))
+                              schedule=utils.NoiseSchedule(100, "cosine", "v"), bf16=False)
         assert bench.sampling_speed(run, "dpm++sde", 5, 2) > 0
         assert net.calls == 2 * 5 * calls_per_step  # a warm-up batch and a timed one, 5 steps each

@@ -72,7 +72,7 @@ def test_nonfinite_losses_stop_training(tiny_data, tmp_path):
 
 def test_two_processes_match_one(tiny_data, tmp_path):
     """DDP on CPU (gloo): 2 ranks x batch 4 give the weights of 1 process x batch 8, identical on both ranks."""
-    common = ["--data-dir", tiny_data, *TINY, "--epochs", "1", "--compile", "false"]
+    common = ["--data-dir", tiny_data, *TINY, "--epochs", "1", "--compile", "false", "--bf16", "false"]  # fp32 sums
     single = run_script("train.py", "--output-dir", str(tmp_path / "one"), *common)
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -94,7 +94,7 @@ import pytest  # noqa: E402
 
 import train  # noqa: E402
 import utils  # noqa: E402
-from modules import UNet  # noqa: E402
+from modules import UNet, build_model, load_network  # noqa: E402
 
 
 def tiny_unet(seed=0):
@@ -223,7 +223,7 @@ def test_a_nonfinite_loss_skips_the_update():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     schedule, cfg = utils.NoiseSchedule(100, "cosine", "v"), batch_config(GRAD_CLIP=1.0, MIN_SNR_GAMMA=5.0)
     x0, t, noise = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([5, 30, 60, 90]), torch.randn(4, 1, 16, 16)
-    train.train_step(model, model, optimizer, schedule, x0, t, noise, (None, None), cfg, bf16=False)  # a good step first
+    train.train_step(model, model, optimizer, schedule, x0, t, noise, (None, None), cfg, False)  # a good step first
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     poisoned = x0.clone()
@@ -350,3 +350,52 @@ def test_training_grids_sample_in_grid_steps(tmp_path):
         cfg = dict(utils.constants(), IMAGE_SIZE=8, SAMPLE_STEPS=sample_steps)
         train.sample_grid(net, None, schedule, cfg, torch.device("cpu"), str(tmp_path / "grid.png"), [])
         assert len(calls) == expected and os.path.exists(tmp_path / "grid.png")
+
+
+# ---------------------------------------------------------------- bf16 autocast
+@pytest.mark.parametrize("setting, device, amx, expected", [
+    ("auto", "cuda", False, True), ("auto", "cpu", True, True), ("auto", "cpu", False, False),
+    ("auto", "mps", False, False), ("true", "cpu", False, True), ("false", "cuda", True, False)])
+def test_bf16_auto_means_cuda_and_cpus_with_amx(setting, device, amx, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx})
+    assert utils.wants_bf16({"BF16": setting}, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_training_runs_the_network_in_bf16_when_asked(bf16):
+    """BF16: the U-Net's layers compute in bf16 and the loss still comes out in fp32."""
+    model, seen = tiny_unet(), []
+    model.stem.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    cfg = batch_config(BF16=str(bf16).lower(), MIN_SNR_GAMMA=0.0)
+    x0, t, noise, cond = train.make_batch(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4),
+                                          torch.Generator().manual_seed(0), cfg, 0, 1, torch.device("cpu"))
+    loss = train.batch_loss(model, utils.NoiseSchedule(100, "cosine", "v"), x0, t, noise, cond, cfg, bf16)
+    assert seen == [torch.bfloat16 if bf16 else torch.float32] and loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bf16, device, layout", [
+    (True, "cpu", torch.contiguous_format), (False, "cpu", torch.channels_last), (True, "cuda", torch.channels_last)])
+def test_networks_are_laid_out_for_their_precision(bf16, device, layout):
+    """Channels-last, except under bf16 on a CPU (its channels-last GroupNorm runs several times slower)."""
+    assert utils.memory_format(bf16, torch.device(device)) == layout
+    if device == "cpu":
+        cfg = dict(utils.constants(), IMAGE_SIZE=16, BASE_CHANNELS=8, CHANNEL_MULT=(1, 2), NUM_RES_BLOCKS=1,
+                   ATTN_RESOLUTIONS=(), NUM_HEADS=2)
+        net = load_network(cfg, 0, build_model(cfg).state_dict(), torch.device(device), bf16)
+        assert net.out[-1].weight.is_contiguous(memory_format=layout)  # 8 channels in: the two layouts differ
+        assert not net.out[-1].weight.is_contiguous(memory_format=torch.channels_last if bf16 else
+                                                    torch.contiguous_format)
+
+
+def test_sampling_follows_bf16_in_training_grids(tmp_path, monkeypatch):
+    """The training grid's sampler calls the network under bf16 autocast exactly when BF16 asks for it."""
+    seen = []
+
+    def net(x, t, *cond):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.zeros_like(x)
+    schedule = utils.NoiseSchedule(1000, "cosine", "v")
+    for setting in ("true", "false"):
+        cfg = dict(utils.constants(), IMAGE_SIZE=8, SAMPLE_STEPS=4, BF16=setting)
+        train.sample_grid(net, None, schedule, cfg, torch.device("cpu"), str(tmp_path / "grid.png"), [])
+    assert seen == [True] * 4 + [False] * 4
