@@ -232,7 +232,8 @@ def summarise(runs, rates, cfg, device, args):
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "image_size": cfg["IMAGE_SIZE"],
               "batch_size": cfg["BATCH_SIZE"], "torch": torch.__version__,
-              "compile": runs["ours"].net is not runs["ours"].model, "bf16": runs["ours"].bf16, "peak_tflops": peak, "matmul_tflops": matmul}
+              "compile": runs["ours"].net is not runs["ours"].model, "bf16": runs["ours"].bf16, "peak_tflops": peak,
+              "matmul_tflops": matmul}
     for name, run in runs.items():
         rate, flops = statistics.median(rates[name]), flops_per_image(run.model, cfg, device)
         result[name] = {"params_m": sum(p.numel() for p in run.model.parameters()) / 1e6,

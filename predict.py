@@ -323,7 +323,8 @@ def main():
 
     if not args.no_metrics:
         result = measure(sampling, samples, cond, data, args.tstr)
-        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"], autoguidance=run["AUTOGUIDANCE"], bf16=bf16,
+        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"], autoguidance=run["AUTOGUIDANCE"],
+                      bf16=bf16,
                       images_per_s=len(samples) / seconds, checkpoint=path, step=step)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)

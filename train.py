@@ -166,12 +166,13 @@ def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, position
     flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
     drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]
     x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)
-    x0 = x0.contiguous(memory_format=utils.memory_format(utils.wants_bf16(cfg, device), device))
+    layout = utils.memory_format(utils.wants_bf16(cfg, device), device)
+    x0 = x0.contiguous(memory_format=layout)
     if cfg["HFLIP"]:
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     y = None if labels is None else torch.where(drop_class, -1, labels[idx[mine]])
     s = None if positions is None else torch.where(drop_slice, torch.nan, positions[idx[mine]])
-    return x0, t, noise.contiguous(memory_format=utils.memory_format(utils.wants_bf16(cfg, device), device)), (y, s)
+    return x0, t, noise.contiguous(memory_format=layout), (y, s)
 
 
 def train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, bf16):

@@ -367,7 +367,8 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, fails)
     ("--beta-schedule foo", "unknown BETA_SCHEDULE"), ("--sample-steps 2000 --timesteps 1000", "more than TIMESTEPS"),
     ("--attn-resolutions 5", "ATTN_RESOLUTIONS has 5"), ("--ema-decay 1", "EMA_DECAY"),
     ("--adam-beta2 1", "ADAM_BETA2 must be in [0, 1)"), ("--lr-floor 1.5", "LR_FLOOR must be in [0, 1]"),
-    ("--channel-mult 1,0", "CHANNEL_MULT must be positive"), ("--bf16 yes", "unknown BF16"), ("--patch-size 0", "PATCH_SIZE must be positive"),
+    ("--channel-mult 1,0", "CHANNEL_MULT must be positive"), ("--bf16 yes", "unknown BF16"),
+    ("--patch-size 0", "PATCH_SIZE must be positive"),
     ("--patch-size 3", "not a multiple of 48"), ("--patch-size 2 --attn-resolutions 128", "ATTN_RESOLUTIONS has 128")])
 def test_out_of_range_settings(flags, expected):
     cfg = utils.config_from_args(utils.build_parser("test").parse_args(flags.split()))

@@ -387,7 +387,7 @@ def test_networks_are_laid_out_for_their_precision(bf16, device, layout):
                                                     torch.contiguous_format)
 
 
-def test_sampling_follows_bf16_in_training_grids(tmp_path, monkeypatch):
+def test_sampling_follows_bf16_in_training_grids(tmp_path):
     """The training grid's sampler calls the network under bf16 autocast exactly when BF16 asks for it."""
     seen = []
 
