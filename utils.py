@@ -368,7 +368,7 @@ def wants_bf16(cfg, device):
     where the quick profile trains 1.5x faster; elsewhere a CPU runs bf16 slower than fp32)."""
     if cfg["BF16"] != "auto":
         return cfg["BF16"] == "true"
-    if device.type == "cpu":
+    if device.type == "cpu":  # a torch too old to have the CPU feature query stays in fp32
         return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16"))
     return device.type == "cuda"
 
