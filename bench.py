@@ -168,7 +168,7 @@ def ingest_speed(n, cfg):
     folder = tempfile.mkdtemp(prefix="bench_ingest_")
     try:
         print(f"writing {n} synthetic {'x'.join(map(str, INGEST_SHAPE))} int16 scans into {folder}...", flush=True)
-        with ThreadPoolExecutor(dataset.WORKERS) as pool:
+        with ThreadPoolExecutor(utils.io_threads()) as pool:
             list(pool.map(lambda i: nibabel.save(synthetic_head(INGEST_SHAPE, i), f"{folder}/scan_{i:03d}.nii.gz"),
                           range(n)))
         scans = sum(e.stat().st_size for e in os.scandir(folder))
@@ -179,7 +179,7 @@ def ingest_speed(n, cfg):
             seconds.append(time.perf_counter() - start)
         cache = sum(e.stat().st_size for e in os.scandir(data.cache))
         print(f"{n} scans ({scans / 2 ** 30:.2f} GiB), {len(data.train) + len(data.val)} slices at {cfg['IMAGE_SIZE']} "
-              f"px: cold {seconds[0]:.1f} s ({n / seconds[0]:.1f} scans/s, {dataset.WORKERS} threads), warm "
+              f"px: cold {seconds[0]:.1f} s ({n / seconds[0]:.1f} scans/s, {utils.io_threads()} threads), warm "
               f"{seconds[1]:.2f} s; cache {cache / 2 ** 20:.0f} MiB")
     finally:
         shutil.rmtree(folder)
@@ -196,8 +196,7 @@ def parse_settings():
     parser.add_argument("--ddpm-batch", type=int, default=64, help="batch for the 1000-step ddpm timing (0 skips)")
     parser.add_argument("--profile", action="store_true", help="also profile a few training steps of ours")
     parser.add_argument("--ingest", type=int, metavar="N", help="instead, time reading N synthetic scans (see above)")
-    args = parser.parse_args()
-    return utils.check_config(utils.config_from_args(args)), args
+    return utils.parse_settings(parser)
 
 
 def build_runs(cfg, images, device, vs_diffusers):
@@ -207,7 +206,7 @@ def build_runs(cfg, images, device, vs_diffusers):
         try:
             runs["diffusers"] = TrainingRun(DiffusersUNet(cfg), cfg, images, device)
         except ImportError:
-            raise utils.UserError("--vs-diffusers needs diffusers: pip install diffusers") from None
+            raise utils.InputError("--vs-diffusers needs diffusers: pip install diffusers") from None
     return runs
 
 
@@ -288,4 +287,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.run(main)
+    utils.run_main(main)

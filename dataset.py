@@ -17,24 +17,19 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import demo as demo_sets
 import utils
 import volumes
-from utils import UserError
+from cohorts import ADNI_CLASSES, ADNI_NAME, ADNI_SPLITS, OASIS, SLICE_NAME, SUBJECT_ID, subject_of
+from utils import InputError, show_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # files read as images (any case)
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 VAL_FRACTION = 0.05  # held-out share of a plain image folder
 SEARCH_DEPTH = 3  # folder levels under DATA_DIR searched for an OASIS or ADNI layout
-WORKERS = min(8, os.cpu_count() or 1)  # threads decoding and writing images
-OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,test}, masks in ..._seg_*
-ADNI_SPLITS = ("train", "test")  # ADNI split folders: train, and test used as the held-out split
-ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders in each split; the list index is the label
-SLICE_NAME = re.compile(r"(.+)_slice_(\d+)")  # OASIS file names: case_NNN_slice_K (the demo's too)
-ADNI_NAME = re.compile(r"(.+)_(\d+)")  # ADNI file names: SUBJECT_K
 FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
 VOLUME_SPLITS = {"train": "train", "val": "val", "validate": "val", "test": "test"}  # scan split folders (any case)
 VAL_SUBJECTS = 0.1  # held-out share of subjects in a folder of scans without split folders
-SUBJECT_ID = r"sub-[A-Za-z0-9]+|OAS\d_\d{4}|\d{3}_S_\d{4}"  # BIDS, OASIS, ADNI subject ids: their scans stay together
 PREVIEW_SIDE = 8  # the --preview contact sheet is PREVIEW_SIDE x PREVIEW_SIDE images
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -71,16 +66,11 @@ class Data:
         found = ", ".join(f"{k} ({v})" for k, v in Counter(self.sizes).most_common(3))
         classes = f", classes {'/'.join(self.classes)}" if self.classes else ""
         scans = f" from {len(self.scans)} scans" if self.scans else ""
-        return (f"{self.layout} data in {_show(self.root)}: {len(self.train)} train / {len(self.val)} val images"
-                f"{scans} of {found} read at {s}x{s}{classes}; cache {_show(self.cache)}")
+        return (f"{self.layout} data in {show_path(self.root)}: {len(self.train)} train / {len(self.val)} val images"
+                f"{scans} of {found} read at {s}x{s}{classes}; cache {show_path(self.cache)}")
 
 
 # ---------------------------------------------------------------- reading images
-def _show(path):
-    """A path that prints anywhere, whatever bytes its name holds."""
-    return os.fsencode(path).decode("utf-8", "replace")
-
-
 def _gray(im):
     """An 8-bit grayscale copy: black where transparent, 16-bit and float images scaled by their maximum."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -130,8 +120,8 @@ def _decode_all(paths, size):
             return decode_image(p, size)
         except Exception as e:  # unreadable, corrupt, truncated or too large: skipped
             reason = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
-            return f"{_show(p)} ({reason or type(e).__name__})"
-    with ThreadPoolExecutor(WORKERS) as pool:
+            return f"{show_path(p)} ({reason or type(e).__name__})"
+    with ThreadPoolExecutor(utils.io_threads()) as pool:
         results = list(pool.map(one, paths))
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     images = torch.from_numpy(np.stack([results[i][0] for i in keep])[:, None]) if keep else \
@@ -147,7 +137,7 @@ def read_folder(path, image_size):
     for msg in skipped:
         print(f"warning: skipping {msg}", file=sys.stderr)
     if not len(images):
-        raise UserError(f"no readable images ({', '.join(IMAGE_EXTS)}) in {_show(path)}: pass a folder of images")
+        raise InputError(f"no readable images ({', '.join(IMAGE_EXTS)}) in {show_path(path)}: pass a folder of images")
     return images
 
 
@@ -170,7 +160,7 @@ def _load_split(root, layout, split, paths, size):
             st = [os.stat(p)] + [os.stat(f) for f in [volumes.image_of(p)] if f and os.path.exists(f)]  # Analyze .img
             entries.append((p, sum(s.st_size for s in st), max(s.st_mtime_ns for s in st)))
         except OSError as e:  # broken link, link loop, vanished
-            print(f"warning: skipping {_show(p)} ({e.strerror})", file=sys.stderr)
+            print(f"warning: skipping {show_path(p)} ({e.strerror})", file=sys.stderr)
     h = hashlib.sha1(str(size).encode() + (volumes.settings() if layout == "volumes" else b""))
     for p, n, t in entries:
         h.update(os.fsencode(os.path.relpath(p, root)) + f"\0{n}\0{t}\n".encode())
@@ -198,7 +188,7 @@ def _load_split(root, layout, split, paths, size):
 
 def _read_scans(root, paths, size):
     """A split of scans as a cache record: their slices with positions, and the slices kept per file."""
-    images, positions, counts, sizes, skipped, notices = volumes.read_scans(paths, size, WORKERS)
+    images, positions, counts, sizes, skipped, notices = volumes.read_scans(paths, size, utils.io_threads())
     return {"images": images, "positions": positions, "counts": counts, "sizes": sizes, "skipped": skipped,
             "notices": notices, "files": [os.path.relpath(p, root) for p in paths]}
 
@@ -218,7 +208,7 @@ def _save_cache(c, dirs, name, stale):
         except OSError:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    print(f"warning: could not write a cache in {' or '.join(map(_show, dirs))}; decoding again next time",
+    print(f"warning: could not write a cache in {' or '.join(map(show_path, dirs))}; decoding again next time",
           file=sys.stderr)
     return "none"
 
@@ -262,14 +252,14 @@ def _volume_splits(root, exclude):
     split_of = [VOLUME_SPLITS.get(q[0].lower()) if len(q) > 1 else None for q in parts]
     found = set(split_of) - {None}
     if found and "train" not in found:
-        raise UserError(f"the scans in {_show(root)} have {'/'.join(sorted(found))} folders but no train folder: "
+        raise InputError(f"the scans in {show_path(root)} have {'/'.join(sorted(found))} folders but no train folder: "
                         f"add one, or put all the scans in one folder")
     held = "val" if "val" in found else "test" if "test" in found else None
     use = {"train": "train", held: "val"} if held else {"train": "all"} if found else {None: "all"}
     chosen = [(p, q[1:] if found else q, use[s]) for p, q, s in zip(scans, parts, split_of) if s in use]
     if len(chosen) < len(scans):
         print(f"notice: not reading the {len(scans) - len(chosen)} scans outside the "
-              f"{' and '.join(k for k in use if k)} folders of {_show(root)}")
+              f"{' and '.join(k for k in use if k)} folders of {show_path(root)}")
     names = {q[0] for _, q, _ in chosen}
     is_classes = len(names) > 1 and all(len(q) > 1 and not re.search(SUBJECT_ID, q[0]) for _, q, _ in chosen)
     classes = sorted(names) if is_classes else []
@@ -280,7 +270,7 @@ def _volume_splits(root, exclude):
 
 
 def _split_files(layout, root, cfg, exclude):
-    """{split: paths}; UserError when a split folder is missing or holds no images."""
+    """{split: paths}; InputError when a split folder is missing or holds no images."""
     if layout == "folder":
         paths = list_images(root, exclude)
         return {"all": paths} if paths else {}
@@ -293,11 +283,11 @@ def _split_files(layout, root, cfg, exclude):
         paths = []
         for d in parts:
             if not os.path.isdir(os.path.join(root, d)):
-                raise UserError(f"the {layout.upper()} layout in {_show(root)} has no {d} folder: add it, or point "
+                raise InputError(f"the {layout.upper()} layout in {show_path(root)} has no {d} folder: add it, or point "
                                 f"--data-dir at a complete copy")
             paths += list_images(os.path.join(root, d))
         if not paths:
-            raise UserError(f"{_show(os.path.join(root, OASIS + s if layout == 'oasis' else s))} holds no images "
+            raise InputError(f"{show_path(os.path.join(root, OASIS + s if layout == 'oasis' else s))} holds no images "
                             f"({', '.join(IMAGE_EXTS)}): add them, or point --data-dir at a complete copy")
         splits[s] = paths
     return splits
@@ -346,18 +336,11 @@ def _locate(cfg):
     demo = demos["demo_labelled" if labelled else "demo"]
     if not os.path.isfile(os.path.join(demo, "DONE")):  # DONE is written last: a half-built demo is rebuilt
         try:
-            import demo as demo_set  # imports this module: loaded only when a demo is due
-            (demo_set.build_labelled_demo if labelled else demo_set.build_demo)(demo)
+            (demo_sets.build_labelled_demo if labelled else demo_sets.build_demo)(demo)
         except OSError as e:
-            raise UserError(f"could not build the demo in {_show(demo)} ({e.strerror or e}): make {_show(folder)} "
+            raise InputError(f"could not build the demo in {show_path(demo)} ({e.strerror or e}): make {show_path(folder)} "
                             f"writable or pass --data-dir PATH") from None
     return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
-
-
-def _subject(path):
-    """The subject id in a scan's path (SUBJECT_ID), or the path itself."""
-    m = re.search(SUBJECT_ID, path)
-    return m.group(0) if m else path
 
 
 def _held_out(subjects, seed):
@@ -371,7 +354,7 @@ def _volume_data(root, got, classes, label_of, seed):
     """Data of a folder of scans: its split folders, or a seeded share of its subjects held out (never slices)."""
     scans, val = [], []
     for s, c in got.items():  # 'all', or 'train' and 'val'
-        subjects = [_subject(f) for f in c["files"]]
+        subjects = [subject_of(f) for f in c["files"]]
         held = _held_out({u for u, n in zip(subjects, c["counts"]) if n}, seed) if s == "all" else set()
         in_val = [s == "val" or u in held for u in subjects]
         val.append(torch.tensor(in_val, dtype=torch.bool).repeat_interleave(c["counts"]))
@@ -388,11 +371,10 @@ def _volume_data(root, got, classes, label_of, seed):
 
 def load_data(cfg):
     """Find the dataset under cfg['DATA_DIR'] (or build the demo there), read it (cached) and split it."""
-    if (size := cfg["IMAGE_SIZE"]) <= 0:
-        raise UserError(f"IMAGE_SIZE must be positive, got {size}: use --image-size 128")
+    size = cfg["IMAGE_SIZE"]
     name, folder, exclude = _locate(cfg)
     if not os.path.isdir(folder):
-        raise UserError(f"DATA_DIR {_show(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC), "
+        raise InputError(f"DATA_DIR {show_path(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC), "
                         f"any images or scans there, or pass --data-dir PATH")
     layout, root = find_layout(folder, exclude)
     if layout == "volumes":
@@ -401,7 +383,7 @@ def load_data(cfg):
         splits = _split_files(layout, root, cfg, exclude)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
-        raise UserError(f"DATA_DIR {_show(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
+        raise InputError(f"DATA_DIR {show_path(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
                         "never trained on" if masks else f"no images ({', '.join(IMAGE_EXTS)}) or scans "
                         f"({', '.join(volumes.SCAN_EXTS)})") + ": put OASIS, ADNI, any images or scans there, "
                         "or pass --data-dir PATH")
@@ -409,8 +391,8 @@ def load_data(cfg):
     for s, paths in splits.items():
         c, key, where = _load_split(root, layout, s, paths, size)
         if not len(c["images"]):
-            raise UserError(f"none of the {len(paths)} {'scans' if layout == 'volumes' else 'images'} of the {s} "
-                            f"split in {_show(root)} could be read")
+            raise InputError(f"none of the {len(paths)} {'scans' if layout == 'volumes' else 'images'} of the {s} "
+                            f"split in {show_path(root)} could be read")
         got[s], cache = c, cache or where
         keys.append(key)
         sizes.update(c["sizes"])
@@ -465,17 +447,17 @@ def conditions_from_names(data, layout, train_names, val_names, wants_class):
 
 
 def check_conditions(data, cfg, unnamed):
-    """A UserError when CONDITION asks for classes, or slice positions, that the data lacks (unnamed: a file whose
+    """A InputError when CONDITION asks for classes, or slice positions, that the data lacks (unnamed: a file whose
     name carries no position)."""
     wants_class, wants_slice = utils.conditions_of(cfg)
     if wants_class and len(data.classes) < 2:
-        raise UserError(f"class conditioning needs images in two or more class folders (ADNI's AD_NC/train/AD and "
-                        f"NC, or one sub-folder per class), but {_show(data.root)} has "
+        raise InputError(f"class conditioning needs images in two or more class folders (ADNI's AD_NC/train/AD and "
+                        f"NC, or one sub-folder per class), but {show_path(data.root)} has "
                         f"{'only ' + data.classes[0] if data.classes else 'none'}: use --condition "
                         f"{'slice' if wants_slice else 'none'}, or sort the images into class folders")
     if wants_slice and data.train_positions is None:
-        raise UserError(f"slice conditioning needs each file's slice number in its name (OASIS case_NNN_slice_K, "
-                        f"ADNI SUBJECT_K), but {_show(os.path.join(data.root, unnamed))} has none: use "
+        raise InputError(f"slice conditioning needs each file's slice number in its name (OASIS case_NNN_slice_K, "
+                        f"ADNI SUBJECT_K), but {show_path(os.path.join(data.root, unnamed))} has none: use "
                         f"--condition {'class' if wants_class else 'none'}, or rename the files")
 
 
@@ -484,11 +466,10 @@ def main():
     parser.add_argument("dir", nargs="?", help="the data folder (default: DATA_DIR)")
     parser.add_argument("--preview", nargs="?", const="", metavar="PNG", help="also write a contact sheet of "
                         "training images as the model sees them (default: OUTPUT_DIR/preview.png)")
-    args = parser.parse_args()
-    cfg = utils.config_from_args(args)
+    cfg, args = utils.parse_settings(parser)
     cfg["DATA_DIR"] = args.dir or cfg["DATA_DIR"]
     d = load_data(cfg)
-    print(f"layout  {d.layout} in {_show(d.root)}")
+    print(f"layout  {d.layout} in {show_path(d.root)}")
     print(f"splits  {len(d.train)} train, {len(d.val)} val" + (", classes " + ", ".join(
         f"{c} ({int((d.train_labels == i).sum())} train, {int((d.val_labels == i).sum())} val)"
         for i, c in enumerate(d.classes)) if d.classes else ""))
@@ -498,13 +479,13 @@ def main():
               f"({len({s.subject for s in d.scans if s.split == x})} subjects)" for x in ("train", "val"))
               + f"; {kept[0]}-{kept[-1]} slices kept per scan (median {kept[len(kept) // 2]})")
     print(f"images  {', '.join(f'{k} ({v})' for k, v in d.sizes.items())} found, read at {d.train.shape[-1]}px")
-    print(f"cache   {_show(d.cache)} (fingerprint {d.fingerprint})")
+    print(f"cache   {show_path(d.cache)} (fingerprint {d.fingerprint})")
     if args.preview is not None:
         path = args.preview or os.path.join(cfg["OUTPUT_DIR"], "preview.png")
         save_preview(d, path)
-        print(f"preview {_show(path)}: " + (f"a row per training scan (up to {PREVIEW_SIDE}), slices bottom to top"
+        print(f"preview {show_path(path)}: " + (f"a row per training scan (up to {PREVIEW_SIDE}), slices bottom to top"
                                              if d.scans else "training images, evenly spread"))
 
 
 if __name__ == "__main__":
-    utils.run(main)
+    utils.run_main(main)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset import ADNI_CLASSES, OASIS, WORKERS, _show
+from cohorts import ADNI_CLASSES, OASIS
+from utils import io_threads, show_path
 
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"  # MNI ICBM152 2009 maps shipped with nilearn
 DEMO_FILL = 0.8  # demo: share of the frame the largest brain slice spans
@@ -109,11 +110,11 @@ def _demo_slices(vol, z, g, size, mm, severity=None):
 def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
     """Write an OASIS-like set of skull-stripped axial slices (and masks) made from the MNI ICBM152 template."""
     start = time.time()
-    print(f"building the demo set from the MNI ICBM152 template into {_show(out_dir)} (first run only)...", flush=True)
+    print(f"building the demo set from the MNI ICBM152 template into {show_path(out_dir)} (first run only)...", flush=True)
     vol, mm = _template(size)
     g, base, case = torch.Generator().manual_seed(seed), os.path.join(out_dir, OASIS + "data"), 0
     save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with ThreadPoolExecutor(io_threads()) as pool:
         for split, n in (("train", n_train), ("validate", n_val), ("test", n_test)):
             img_dir, seg_dir = os.path.join(base, OASIS + split), os.path.join(base, OASIS + "seg_" + split)
             for d in (img_dir, seg_dir):
@@ -136,12 +137,12 @@ def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLI
     """Write an ADNI-like labelled set, AD_NC/{train,test}/{AD,NC}/SUBJECT_K.png, from the MNI ICBM152 template:
     'AD' subjects carry simulated atrophy of graded severity, 'NC' subjects none. K is the template slice number."""
     start = time.time()
-    print(f"building the labelled demo set (simulated AD/NC) into {_show(out_dir)} (first run only)...", flush=True)
+    print(f"building the labelled demo set (simulated AD/NC) into {show_path(out_dir)} (first run only)...", flush=True)
     vol, mm = _template(size)
     g = torch.Generator().manual_seed(seed)
     save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)  # noqa: E731
     subject = 100_000
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with ThreadPoolExecutor(io_threads()) as pool:
         for split, per_class in zip(("train", "test"), subjects):
             for label, name in enumerate(ADNI_CLASSES):
                 folder = os.path.join(out_dir, "AD_NC", split, name)

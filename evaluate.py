@@ -7,6 +7,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import utils
 from modules import Probe
 
@@ -172,7 +173,7 @@ def probe_for(data, device):
     if positions is not None:
         real["slice_mae"] = (position - data.val_positions).abs().mean().item()
     if os.path.isdir(data.cache):
-        utils.save_checkpoint({"model": model.state_dict(), "real": real}, path)
+        checkpoints.save_checkpoint({"model": model.state_dict(), "real": real}, path)
     return model, real
 
 

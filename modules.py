@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from utils import UserError, conditions_of
 
 SLICE_SCALE = 30  # slice positions in [0, 1] are embedded like timesteps in [0, 30]: at most 5 cycles, smooth between slices
 
@@ -83,8 +82,9 @@ class UNet(nn.Module):
     """eps/v/x0 predictor: `UNet(...)(x_t, t)` keeps the input's shape.
 
     `num_classes` adds a class embedding and `slice_positions` a sinusoidal embedding of the slice position in
-    [0, 1]; both are added to the time embedding. Call `model(x_t, t, y, s)`: a class index of -1, a position of
-    NaN, or None for all, means 'not given' (a learned entry of its own, which classifier-free guidance uses).
+    [0, 1]; both are added to the time embedding. Call `model(x_t, t, labels, positions)`: a class index of -1, a
+    position of NaN, or None for all, means 'not given' (a learned entry of its own, which classifier-free guidance
+    uses). The sizes must suit the U-Net (utils.check_config says which do).
     `patch_size` p folds each p x p block of pixels into channels on the way in and back on the way out, so the
     U-Net runs at 1/p of the image's side.
     """
@@ -93,12 +93,7 @@ class UNet(nn.Module):
                  attn_resolutions=(16,), num_heads=4, dropout=0.0, num_classes=0, slice_positions=False,
                  patch_size=1):
         super().__init__()
-        factor = patch_size * 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
-            raise UserError(f"IMAGE_SIZE {image_size} is not a multiple of the U-Net's downsampling factor {factor}")
         sizes = [image_size // patch_size // 2 ** i for i in range(len(channel_mult))]
-        if any(r not in sizes for r in attn_resolutions):
-            raise UserError(f"ATTN_RESOLUTIONS {tuple(attn_resolutions)} must be among the U-Net's resolutions {sizes}")
         self.base_channels, self.num_classes, self.patch_size = base_channels, num_classes, patch_size
         emb_dim = max(128, 4 * base_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -139,15 +134,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t, y=None, s=None):
+    def forward(self, x, t, labels=None, positions=None):
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
-            y = torch.full_like(t, -1) if y is None else y
-            emb = emb + self.label_emb(torch.where(y < 0, self.num_classes, y))
+            labels = torch.full_like(t, -1) if labels is None else labels
+            emb = emb + self.label_emb(torch.where(labels < 0, self.num_classes, labels))
         if self.slice_mlp is not None:
-            s = torch.full(t.shape, math.nan, device=t.device) if s is None else s
-            given = self.slice_mlp(timestep_embedding(SLICE_SCALE * s.nan_to_num(), self.base_channels))
-            emb = emb + torch.where(s.isnan()[:, None], self.no_slice.to(given.dtype), given)
+            positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
+            given = self.slice_mlp(timestep_embedding(SLICE_SCALE * positions.nan_to_num(), self.base_channels))
+            emb = emb + torch.where(positions.isnan()[:, None], self.no_slice.to(given.dtype), given)
         h = self.stem(F.pixel_unshuffle(x, self.patch_size))
         hs = [h]
         for layer in self.down:
@@ -164,7 +159,7 @@ def build_model(cfg, num_classes=0):
     """The U-Net described by a configuration dict (the constants of utils.py) and the number of classes."""
     return UNet(cfg["IMAGE_SIZE"], cfg["CHANNELS"], cfg["BASE_CHANNELS"], tuple(cfg["CHANNEL_MULT"]),
                 cfg["NUM_RES_BLOCKS"], tuple(cfg["ATTN_RESOLUTIONS"]), cfg["NUM_HEADS"], cfg["DROPOUT"], num_classes,
-                conditions_of(cfg)[1], cfg["PATCH_SIZE"])
+                utils.conditions_of(cfg)[1], cfg["PATCH_SIZE"])
 
 
 def load_network(cfg, num_classes, weights, device, bf16):
@@ -175,16 +170,16 @@ def load_network(cfg, num_classes, weights, device, bf16):
     return model.to(device, memory_format=utils.memory_format(bf16, device)).eval().requires_grad_(False)
 
 
-def guided_output(model, x, t, y=None, s=None, scale=1.0):
-    """The model's output under classifier-free guidance, uncond + scale * (cond - uncond), the pair in one batched
-    call; scale 0 is the unconditional model, 1 the conditional one. y and s as for UNet.forward."""
+def guided_output(model, x, t, labels=None, positions=None, scale=1.0):
+    """The model's output under classifier-free guidance (Ho & Salimans 2022), uncond + scale * (cond - uncond), the
+    pair in one batched call; scale 0 is the unconditional model, 1 the conditional one. Conditions as for UNet."""
     if scale == 0:
         return model(x, t).float()
-    if scale == 1 or (y is None and s is None):
-        return model(x, t, y, s).float()
-    pair_y = None if y is None else torch.cat([y, torch.full_like(y, -1)])
-    pair_s = None if s is None else torch.cat([s, torch.full_like(s, math.nan)])
-    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), pair_y, pair_s).float().chunk(2)
+    if scale == 1 or (labels is None and positions is None):
+        return model(x, t, labels, positions).float()
+    pair_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, -1)])
+    pair_positions = None if positions is None else torch.cat([positions, torch.full_like(positions, math.nan)])
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), pair_labels, pair_positions).float().chunk(2)
     return uncond + scale * (cond - uncond)
 
 
@@ -194,17 +189,17 @@ class Denoiser:
     guide + autoguidance * (model - guide), which pushes the output away from the errors the early model makes
     more of (in the quick profile: speckle in the white matter)."""
 
-    def __init__(self, model, y=None, s=None, guidance=1.0, guide=None, autoguidance=1.0, bf16=False):
-        self.model, self.y, self.s, self.guidance = model, y, s, guidance
+    def __init__(self, model, labels=None, positions=None, guidance=1.0, guide=None, autoguidance=1.0, bf16=False):
+        self.model, self.labels, self.positions, self.guidance = model, labels, positions, guidance
         self.guide, self.autoguidance, self.bf16 = guide, autoguidance, bf16
 
     def __call__(self, x, t):
         x = x.contiguous(memory_format=utils.memory_format(self.bf16, x.device))
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = guided_output(self.model, x, t, self.y, self.s, self.guidance)
+            out = guided_output(self.model, x, t, self.labels, self.positions, self.guidance)
             if self.guide is None or self.autoguidance == 1:
                 return out
-            weak = guided_output(self.guide, x, t, self.y, self.s, self.guidance)
+            weak = guided_output(self.guide, x, t, self.labels, self.positions, self.guidance)
             return weak + self.autoguidance * (out - weak)
 
 

@@ -9,16 +9,17 @@
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchvision.utils import make_grid
 
+import checkpoints
 import dataset
 import evaluate
 import utils
 from modules import Denoiser, load_network
-from utils import UserError
+from utils import InputError
 
 PROCESS_ROWS = 6  # samples shown in process.png / process.gif
 PROCESS_COLUMNS = 10  # evenly spaced steps in process.png
@@ -32,14 +33,14 @@ def load_model(path, use_ema, device, bf16=False):
     """The network and noise schedule exactly as the checkpoint describes them, and the early snapshot that
     autoguidance uses as {"step", "model"} (None when the checkpoint has none); in the memory format for bf16 or
     fp32 sampling on device."""
-    state = utils.load_checkpoint(path)
+    state = checkpoints.load_checkpoint(path)
     cfg, classes, snapshot = state["config"], state.get("classes", []), state.get("guide")
 
     def network(weights):
         try:
             return load_network(cfg, len(classes), weights, device, bf16)
         except (KeyError, RuntimeError, TypeError) as e:
-            raise UserError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
+            raise InputError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
 
     model = network(state.get("ema" if use_ema else "model"))
     guide = snapshot and {"step": snapshot["step"], "model": network(snapshot["weights"])}
@@ -65,8 +66,7 @@ def parse_settings():
     parser.add_argument("--tstr", type=int, default=0, metavar="N",
                         help="class-conditional models: also train a classifier on N labelled samples and test it "
                              "on the real held-out slices")
-    args = parser.parse_args()
-    return utils.check_config(utils.config_from_args(args)), args
+    return utils.parse_settings(parser)
 
 
 def chosen_classes(label, classes):
@@ -74,13 +74,13 @@ def chosen_classes(label, classes):
     if label is None or label == "all":
         return list(range(len(classes)))
     if not classes:
-        raise UserError(f"--label {label}: this model was not trained with class conditioning (train with "
+        raise InputError(f"--label {label}: this model was not trained with class conditioning (train with "
                         f"--condition class or class+slice)")
     if label in classes:
         return [classes.index(label)]
     if label.isdigit() and int(label) < len(classes):
         return [int(label)]
-    raise UserError(f"--label {label} is not one of this model's classes: {', '.join(classes)} (or 0-"
+    raise InputError(f"--label {label} is not one of this model's classes: {', '.join(classes)} (or 0-"
                     f"{len(classes) - 1}, or all)")
 
 
@@ -89,25 +89,25 @@ def chosen_positions(text, by_slice):
     if text is None:
         return (0.0, 1.0) if by_slice else None
     if not by_slice:
-        raise UserError(f"--slice-position {text}: this model was not trained with slice conditioning (train with "
+        raise InputError(f"--slice-position {text}: this model was not trained with slice conditioning (train with "
                         f"--condition slice or class+slice)")
     try:
         ends = [float(v) for v in text.split(":")]
     except ValueError:
         ends = []
     if len(ends) not in (1, 2) or not all(0 <= v <= 1 for v in ends):
-        raise UserError(f"--slice-position {text}: give a position in [0, 1] (0 bottom, 1 top) or a range A:B")
+        raise InputError(f"--slice-position {text}: give a position in [0, 1] (0 bottom, 1 top) or a range A:B")
     return ends[0], ends[-1]
 
 
 def check_extras(args, classes, by_slice):
     """--slice-sweep and --tstr only make sense for models with the matching condition."""
     if args.slice_sweep and not by_slice:
-        raise UserError("--slice-sweep: this model was not trained with slice conditioning")
+        raise InputError("--slice-sweep: this model was not trained with slice conditioning")
     if args.tstr and not classes:
-        raise UserError("--tstr: this model was not trained with class conditioning")
+        raise InputError("--tstr: this model was not trained with class conditioning")
     if args.slice_sweep < 0 or args.tstr < 0:
-        raise UserError("--slice-sweep and --tstr take a number of samples, 0 or more")
+        raise InputError("--slice-sweep and --tstr take a number of samples, 0 or more")
 
 
 # ---------------------------------------------------------------- sampling
@@ -117,36 +117,46 @@ class Sampling:
     net: torch.nn.Module  # the model, compiled where COMPILE asks
     schedule: utils.NoiseSchedule
     cfg: dict  # the checkpoint's configuration
-    run: dict  # this run's settings, with the chosen classes and positions
+    settings: dict  # this run's settings, with the chosen classes and positions
     device: torch.device
     guide: torch.nn.Module | None = None  # the early snapshot autoguidance steers away from (None: no autoguidance)
     bf16: bool = False  # bf16 autocast (BF16 on this device)
+    classes: list = field(default_factory=list)  # the checkpoint's class names (empty: not class-conditional)
+
+    def steps(self):
+        """Network evaluations of the sampler along the way: T for ddpm, SAMPLE_STEPS otherwise."""
+        return self.cfg["TIMESTEPS"] if self.settings["SAMPLER"] == "ddpm" else self.settings["SAMPLE_STEPS"]
 
     def noise(self, n, gen):
         return torch.randn((n, self.cfg["CHANNELS"], self.cfg["IMAGE_SIZE"], self.cfg["IMAGE_SIZE"]), generator=gen,
                            device=self.device)
 
-    def sample(self, noise, y=None, s=None, callback=None, generator=None):
-        """Samples from the given starting noise for conditions y, s (None: not given), with the run's sampler."""
+    def denoiser(self, labels=None, positions=None):
+        """What the samplers call for these conditions (None: not given): guided, autoguided, in bf16 where asked."""
         to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
-        run = self.run
-        denoiser = Denoiser(self.net, to(y), to(s), run["GUIDANCE"], self.guide, run["AUTOGUIDANCE"], self.bf16)
-        return self.schedule.sample(denoiser, sampler=run["SAMPLER"],
-                                    steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noise, generator=generator,
-                                    device=self.device, callback=callback, spacing=run["STEP_SPACING"]).float().cpu()
+        return Denoiser(self.net, to(labels), to(positions), self.settings["GUIDANCE"], self.guide,
+                        self.settings["AUTOGUIDANCE"], self.bf16)
+
+    def sample(self, noise, labels=None, positions=None, callback=None, generator=None, start_t=None):
+        """Samples from the given starting noise (at step start_t, default T-1) for these conditions, with the run's
+        sampler."""
+        s = self.settings
+        return self.schedule.sample(self.denoiser(labels, positions), sampler=s["SAMPLER"], steps=s["SAMPLE_STEPS"],
+                                    eta=s["DDIM_ETA"], x=noise, start_t=start_t, generator=generator,
+                                    device=self.device, callback=callback, spacing=s["STEP_SPACING"]).float().cpu()
 
 
-def generate(sampling, n, out, y=None, s=None):
-    """n images in batches of SAMPLE_BATCH for conditions y, s, saved one by one and as grid.png; returns them and
+def generate(sampling, n, out, labels=None, positions=None):
+    """n images in batches of SAMPLE_BATCH for these conditions, saved one by one and as grid.png; returns them and
     the snapshots of the first batch's process."""
-    gen = torch.Generator(device=sampling.device).manual_seed(sampling.run["SEED"])
-    batch, samples, frames = sampling.run["SAMPLE_BATCH"], [], []
+    gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
+    batch, samples, frames = sampling.settings["SAMPLE_BATCH"], [], []
     for start in range(0, n, batch):
         x = sampling.noise(min(batch, n - start), gen)
         if not start:  # the first batch's process, from its noise on
             frames.append(x[:PROCESS_ROWS].cpu())
         keep = (lambda i, total, x_t, x0: frames.append(x_t[:PROCESS_ROWS].float().cpu())) if not start else None
-        part = [None if c is None else c[start:start + len(x)] for c in (y, s)]
+        part = [None if c is None else c[start:start + len(x)] for c in (labels, positions)]
         samples.append(sampling.sample(x, *part, callback=keep, generator=gen))
     samples = torch.cat(samples)
     os.makedirs(out, exist_ok=True)
@@ -156,13 +166,13 @@ def generate(sampling, n, out, y=None, s=None):
     return samples, frames
 
 
-def same_noise(sampling, y, s):
-    """One sample per (y, s) pair, all from the same noise and the same noise on the way (seed SEED)."""
+def same_noise(sampling, labels, positions):
+    """One sample per (label, position) pair, all from the same noise and the same noise on the way (seed SEED)."""
     images = []
-    for i in range(len(s)):
-        gen = torch.Generator(device=sampling.device).manual_seed(sampling.run["SEED"])
-        images.append(sampling.sample(sampling.noise(1, gen), None if y is None else y[i:i + 1], s[i:i + 1],
-                                      generator=gen))
+    for i in range(len(positions)):
+        gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
+        images.append(sampling.sample(sampling.noise(1, gen), None if labels is None else labels[i:i + 1],
+                                      positions[i:i + 1], generator=gen))
     return torch.cat(images)
 
 
@@ -210,14 +220,14 @@ def conditions_grid(sampling, classes, by_slice, out):
     """conditions.png: rows are the classes, columns slice positions from bottom to top (or more samples)."""
     rows = classes or ["any class"]
     positions = torch.linspace(0.05, 0.95, CONDITION_COLUMNS) if by_slice else None
-    y = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if classes else None
-    s = positions.repeat(len(rows)) if by_slice else None
-    gen = torch.Generator(device=sampling.device).manual_seed(sampling.run["SEED"])
-    images = sampling.sample(sampling.noise(len(rows) * CONDITION_COLUMNS, gen), y, s, generator=gen)
+    labels = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if classes else None
+    gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
+    images = sampling.sample(sampling.noise(len(rows) * CONDITION_COLUMNS, gen), labels,
+                             positions.repeat(len(rows)) if by_slice else None, generator=gen)
     columns = [f"{p:.2f}" for p in positions.tolist()] if by_slice else [str(i + 1) for i in range(CONDITION_COLUMNS)]
     save_labelled_grid(images, rows, columns, os.path.join(out, "conditions.png"),
                        ("slice position, bottom to top" if by_slice else "samples")
-                       + f" (guidance {sampling.run['GUIDANCE']:g})")
+                       + f" (guidance {sampling.settings['GUIDANCE']:g})")
 
 
 def to_ras(slices):
@@ -230,10 +240,10 @@ def slice_sweep(sampling, classes, n, out):
     """One starting noise through n slice positions, for each chosen class: slice_sweep.png (rows are the
     classes), slice_sweep.gif, and slice_sweep[_CLASS].nii.gz stacks that open in an MRI viewer."""
     import nibabel
-    chosen = sampling.run["classes"]
+    chosen = sampling.settings["classes"]
     names = [classes[c] for c in chosen] if classes else [None]
-    y = torch.tensor(chosen).repeat_interleave(n) if classes else None
-    images = same_noise(sampling, y, torch.linspace(0, 1, n).repeat(len(names)))
+    labels = torch.tensor(chosen).repeat_interleave(n) if classes else None
+    images = same_noise(sampling, labels, torch.linspace(0, 1, n).repeat(len(names)))
     strips = images.view(len(names), n, *images.shape[1:])
     utils.save_png(images, os.path.join(out, "slice_sweep.png"), nrow=n)
     save_gif([make_grid(strips[:, i], nrow=len(names), padding=2)[:1] for i in range(n)],
@@ -245,20 +255,20 @@ def slice_sweep(sampling, classes, n, out):
                      os.path.join(out, f"slice_sweep{'_' + name if name else ''}.nii.gz"))
 
 
-def denoise(net, schedule, images, run, strength, device, out):
-    """Noise each image to step strength*T, denoise it back; writes input | noised | result rows."""
+def denoise(sampling, images, strength, out):
+    """Noise each image to step strength*T, denoise it back (unconditionally); writes input | noised | result rows."""
     if not 0 < strength <= 1:
-        raise UserError(f"--strength must be in (0, 1], got {strength}")
-    gen = torch.Generator(device=device).manual_seed(run["SEED"])
+        raise InputError(f"--strength must be in (0, 1], got {strength}")
+    device = sampling.device
+    gen = torch.Generator(device=device).manual_seed(sampling.settings["SEED"])
     x0 = images.to(device).float() / 127.5 - 1
-    start_t = max(0, round(strength * schedule.timesteps) - 1)
+    start_t = max(0, round(strength * sampling.schedule.timesteps) - 1)
     noise = torch.randn(x0.shape, generator=gen, device=device)
-    noised = schedule.q_sample(x0, torch.full((len(x0),), start_t, device=device), noise)
-    result = schedule.sample(net, sampler=run["SAMPLER"], steps=run["SAMPLE_STEPS"], eta=run["DDIM_ETA"], x=noised,
-                             start_t=start_t, generator=gen, device=device, spacing=run["STEP_SPACING"])
+    noised = sampling.schedule.q_sample(x0, torch.full((len(x0),), start_t, device=device), noise)
+    result = sampling.sample(noised, start_t=start_t, generator=gen)
     for i, img in enumerate(result):
         utils.save_png(img, os.path.join(out, f"denoised_{i:03d}.png"))
-    triples = torch.stack([x0, noised.clamp(-1, 1), result.float()], dim=1).flatten(0, 1).cpu()
+    triples = torch.stack([x0.cpu(), noised.clamp(-1, 1).cpu(), result], dim=1).flatten(0, 1)
     utils.save_png(triples, os.path.join(out, "denoise.png"), nrow=3)
     return result
 
@@ -271,37 +281,54 @@ def measure(sampling, samples, cond, data, tstr):
     if any(c is not None for c in cond):
         result.update(evaluate.control(samples, *cond, data, sampling.device))
     if tstr:
-        y, s = utils.spread_conditions(tstr, list(range(len(data.classes))), sampling.run["positions"])
-        images, _ = generate(sampling, tstr, os.path.join(sampling.run["OUTPUT_DIR"], "predict", "tstr"), y, s)
-        result.update(evaluate.train_on_synthetic(images, y, data, sampling.device))
+        labels, positions = utils.spread_conditions(tstr, list(range(len(data.classes))),
+                                                    sampling.settings["positions"])
+        out = os.path.join(sampling.settings["OUTPUT_DIR"], "predict", "tstr")
+        images, _ = generate(sampling, tstr, out, labels, positions)
+        result.update(evaluate.train_on_synthetic(images, labels, data, sampling.device))
     return result
 
 
-def main():
-    run, args = parse_settings()
-    device = utils.get_device()
-    path = args.checkpoint or os.path.join(run["OUTPUT_DIR"], "checkpoint.pt")
-    bf16 = utils.wants_bf16(run, device)
+def open_checkpoint(settings, args, device):
+    """The Sampling this run asks for (its settings completed with the chosen classes and positions), the
+    checkpoint's path and step; says what it loaded."""
+    path = args.checkpoint or os.path.join(settings["OUTPUT_DIR"], "checkpoint.pt")
+    bf16 = utils.wants_bf16(settings, device)
     model, schedule, cfg, classes, step, guide = load_model(path, not args.no_ema, device, bf16)
-    if guide is None and run["AUTOGUIDANCE"] != 1:
+    if guide is None and settings["AUTOGUIDANCE"] != 1:
         print(f"notice: {path} holds no early snapshot (trained before autoguidance, or stopped before GUIDE_AT): "
               f"sampling without autoguidance")
-        run["AUTOGUIDANCE"] = 1.0
+        settings["AUTOGUIDANCE"] = 1.0
     by_slice = utils.conditions_of(cfg)[1]
-    run.update(classes=chosen_classes(args.label, classes), positions=chosen_positions(args.slice_position, by_slice))
+    settings.update(classes=chosen_classes(args.label, classes),
+                    positions=chosen_positions(args.slice_position, by_slice))
     check_extras(args, classes, by_slice)
-    cond = utils.spread_conditions(run["NUM_SAMPLES"], run["classes"], run["positions"])
-    out = os.path.join(run["OUTPUT_DIR"], "predict")
-    compiled = (lambda m: torch.compile(m) if utils.wants_compile(run, device) else m)  # noqa: E731
-    sampling = Sampling(compiled(model), schedule, cfg, run, device, guide and compiled(guide["model"]), bf16)
-    steps = cfg["TIMESTEPS"] if run["SAMPLER"] == "ddpm" else run["SAMPLE_STEPS"]
-    print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {run['SAMPLER']} with {steps} steps, {device}"
-          + (", bf16" if bf16 else "")
-          + (f", condition {cfg['CONDITION']} (guidance {run['GUIDANCE']:g})" if classes or by_slice else "")
-          + (f", autoguidance {run['AUTOGUIDANCE']:g} from step {guide['step']:,}" if run["AUTOGUIDANCE"] != 1 else ""))
+    compiled = (lambda m: torch.compile(m) if utils.wants_compile(settings, device) else m)  # noqa: E731
+    sampling = Sampling(compiled(model), schedule, cfg, settings, device, guide and compiled(guide["model"]), bf16,
+                        classes)
+    print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {settings['SAMPLER']} with {sampling.steps()} steps, "
+          f"{device}" + (", bf16" if bf16 else "")
+          + (f", condition {cfg['CONDITION']} (guidance {settings['GUIDANCE']:g})" if cfg["CONDITION"] != "none" else "")
+          + (f", autoguidance {settings['AUTOGUIDANCE']:g} from step {guide['step']:,}"
+             if settings["AUTOGUIDANCE"] != 1 else ""))
+    return sampling, path, step
+
+
+def load_heldout(sampling):
+    """The data the checkpoint was trained on (or DATA_DIR, where the command line names another folder)."""
+    cfg, asked = sampling.cfg, sampling.settings["DATA_DIR"]
+    return dataset.load_data(dict(cfg, DATA_DIR=asked if asked != utils.DATA_DIR else cfg["DATA_DIR"]))
+
+
+def main():
+    settings, args = parse_settings()
+    sampling, path, step = open_checkpoint(settings, args, utils.get_device())
+    classes, by_slice = sampling.classes, utils.conditions_of(sampling.cfg)[1]
+    cond = utils.spread_conditions(settings["NUM_SAMPLES"], settings["classes"], settings["positions"])
+    out = os.path.join(settings["OUTPUT_DIR"], "predict")
 
     started = time.perf_counter()
-    samples, frames = generate(sampling, run["NUM_SAMPLES"], out, *cond)
+    samples, frames = generate(sampling, settings["NUM_SAMPLES"], out, *cond)
     seconds = time.perf_counter() - started
     print(f"{len(samples)} samples in {seconds:.1f} s ({len(samples) / seconds:.2f} images/s) -> {out}/grid.png")
     save_process(frames, out)
@@ -312,25 +339,21 @@ def main():
         slice_sweep(sampling, classes, args.slice_sweep, out)
         print(f"one noise through {args.slice_sweep} slice positions -> {out}/slice_sweep.png, .gif, .nii.gz")
 
-    data = None
-    if args.input is None or not args.no_metrics:
-        data_cfg = dict(cfg, DATA_DIR=run["DATA_DIR"] if run["DATA_DIR"] != utils.DATA_DIR else cfg["DATA_DIR"])
-        data = dataset.load_data(data_cfg)
-    images = dataset.read_folder(args.input, cfg["IMAGE_SIZE"]) if args.input else data.val[:8]
-    denoise(Denoiser(model, guide=sampling.guide, autoguidance=run["AUTOGUIDANCE"], bf16=bf16), schedule,
-            images[:run["SAMPLE_BATCH"]], run, args.strength, device, out)
-    print(f"denoised {min(len(images), run['SAMPLE_BATCH'])} images at strength {args.strength} -> {out}/denoise.png")
+    data = load_heldout(sampling) if args.input is None or not args.no_metrics else None
+    images = dataset.read_folder(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else data.val[:8]
+    denoise(sampling, images[:settings["SAMPLE_BATCH"]], args.strength, out)
+    print(f"denoised {min(len(images), settings['SAMPLE_BATCH'])} images at strength {args.strength} -> "
+          f"{out}/denoise.png")
 
     if not args.no_metrics:
         result = measure(sampling, samples, cond, data, args.tstr)
-        result.update(sampler=run["SAMPLER"], steps=steps, guidance=run["GUIDANCE"], autoguidance=run["AUTOGUIDANCE"],
-                      bf16=bf16,
-                      images_per_s=len(samples) / seconds, checkpoint=path, step=step)
+        result.update(sampler=settings["SAMPLER"], steps=sampling.steps(), guidance=settings["GUIDANCE"],
+                      autoguidance=settings["AUTOGUIDANCE"], bf16=sampling.bf16, images_per_s=len(samples) / seconds,
+                      checkpoint=path, step=step)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
         print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}"
                         for k, v in result.items()))
 
-
 if __name__ == "__main__":
-    utils.run(main)
+    utils.run_main(main)

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import sys
-import warnings
 
 import torch
 
@@ -36,8 +35,8 @@ BETA_SCHEDULE = "cosine"  # 'linear' | 'cosine' | 'sigmoid'
 PREDICTION = "v"  # what the network predicts: 'eps' | 'v' | 'x0'
 MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off: a plain MSE of the prediction)
 TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid levels often, as SD3) | 'edm' (low)
-EDM_MEAN = -1.2  # 'edm' (Karras et al. 2022): mean of ln sigma, sigma = sqrt((1 - abar) / abar) the noise's scale
-EDM_STD = 1.2  # 'edm': spread of ln sigma
+EDM_MEAN = -1.2  # 'edm' (Karras et al. 2022): mean of ln of the noise-to-signal ratio sqrt((1 - abar) / abar)
+EDM_STD = 1.2  # 'edm': spread of that logarithm
 COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
 GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
 AUTOGUIDANCE = 1.25  # sampling: early + w (model - early), steering away from an early snapshot's errors (1: off)
@@ -69,21 +68,24 @@ NUM_SAMPLES = 64  # images predict.py generates
 SAMPLE_BATCH = 64  # images sampled at once
 SEED = 0  # seed for data order, noise and sampling
 
+
 CONDITIONS = ("none", "class", "slice", "class+slice")
-SCHEDULES = ("linear", "cosine", "sigmoid")
-SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
 PREDICTIONS = ("eps", "v", "x0")
+CHOICES = {"CONDITION": CONDITIONS, "PREDICTION": PREDICTIONS, "LR_DECAY": ("constant", "cosine"),
+           "TIMESTEP_SAMPLING": ("uniform", "logit-normal", "edm"), "COMPILE": ("auto", "true", "false"),
+           "BF16": ("auto", "true", "false")}  # settings with a fixed set of values (schedules, samplers: below)
 
 
-class UserError(Exception):
-    """A problem the user can fix; reported as one line, no traceback."""
+class InputError(ValueError):
+    """Settings, data, files or a checkpoint that cannot be used; the message says what is wrong and how to fix it.
+    The scripts print it as one line (run_main); code calling the library can catch it as a ValueError."""
 
 
-def run(main):
-    """Run a script's main(), turning a UserError into one line and exit code 2."""
+def run_main(main):
+    """Run a script's main(), turning an InputError into one 'error:' line and exit code 2."""
     try:
         main()
-    except UserError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -95,7 +97,7 @@ def run(main):
 def constants():
     """The constants above as {NAME: default}."""
     return {k: v for k, v in globals().items()
-            if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in ("CONDITIONS", "SCHEDULES", "SAMPLERS", "PREDICTIONS")
+            if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in ("CONDITIONS", "PREDICTIONS")
             and isinstance(v, (bool, int, float, str, tuple))}
 
 
@@ -120,9 +122,14 @@ def _parse_tuple(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """One 'error:' line for bad flags; `@FILE` arguments read flags from a file (any number a line, # comments)."""
+
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+    def convert_arg_line_to_args(self, arg_line):
+        return arg_line.split("#")[0].split()
 
 
 class _DefaultsOnce(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -133,70 +140,74 @@ class _DefaultsOnce(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser(description):
-    """An argparse parser with one --kebab-name flag per constant."""
-    parser = _OneLineParser(description=description, formatter_class=_DefaultsOnce)
+    """An argparse parser with one --kebab-name flag per constant; `@configs/cpu_quick.args` reads a preset."""
+    parser = _Parser(description=description, formatter_class=_DefaultsOnce, fromfile_prefix_chars="@")
     helps = _help_texts()
     for name, default in constants().items():
         kind = {bool: _parse_bool, tuple: _parse_tuple}.get(type(default), type(default))
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, type=kind, default=default,
+        parser.add_argument(flag(name), dest=name, type=kind, default=default,
                             metavar=type(default).__name__.upper(), help=f"{helps.get(name, '')} (default: {shown})")
     return parser
 
 
-def config_from_args(args):
-    """The constants, with command-line overrides, as a plain dict."""
-    return {name: getattr(args, name) for name in constants()}
+def flag(name):
+    """The command-line flag of a constant: IMAGE_SIZE -> --image-size."""
+    return "--" + name.lower().replace("_", "-")
+
+
+def parse_settings(parser, argv=None):
+    """(the constants with the command line's overrides, checked; the parsed arguments)."""
+    args = parser.parse_args(argv)
+    return check_config({name: getattr(args, name) for name in constants()}), args
 
 
 def check_config(cfg):
-    """Refuse contradictory or out-of-range settings with one clear line."""
+    """Refuse contradictory or out-of-range settings with one clear line: the one place the settings are checked."""
     for name in ("IMAGE_SIZE", "PATCH_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "TIMESTEPS", "EPOCHS", "SAMPLE_STEPS",
                  "NUM_SAMPLES", "SAMPLE_BATCH", "CHANNELS", "NUM_HEADS", "SAMPLE_EVERY", "CHECKPOINT_EVERY",
-                 "LOG_EVERY"):
+                 "LOG_EVERY", "NUM_RES_BLOCKS"):
         if cfg[name] <= 0:
-            raise UserError(f"{name} must be positive, got {cfg[name]}: use --{name.lower().replace('_', '-')} N")
+            raise InputError(f"{name} must be positive, got {cfg[name]}: use {flag(name)} N")
     for name, value in cfg.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number, got {value}: use --{name.lower().replace('_', '-')} X")
-    if cfg["TRAIN_MINUTES"] < 0:
-        raise UserError(f"TRAIN_MINUTES must be 0 (train for EPOCHS) or more, got {cfg['TRAIN_MINUTES']}")
+            raise InputError(f"{name} must be a finite number, got {value}: use {flag(name)} X")
+    for name, allowed in ((n, (0, math.inf)) for n in ("TRAIN_MINUTES", "GUIDANCE", "WARMUP_STEPS")):
+        if not allowed[0] <= cfg[name] < allowed[1]:
+            raise InputError(f"{name} must be 0 or more, got {cfg[name]}: use {flag(name)} X")
     if not cfg["LR"] > 0:
-        raise UserError(f"LR must be positive, got {cfg['LR']}: use --lr 2e-4")
-    if not 0 <= cfg["COND_DROP"] < 1 or cfg["GUIDANCE"] < 0:
-        raise UserError(f"COND_DROP must be in [0, 1) and GUIDANCE at least 0, got {cfg['COND_DROP']} and "
-                        f"{cfg['GUIDANCE']}")
-    for name in ("EMA_DECAY", "ADAM_BETA2"):
-        if not 0 <= cfg[name] < 1:
-            raise UserError(f"{name} must be in [0, 1), got {cfg[name]}: use --{name.lower().replace('_', '-')} X")
+        raise InputError(f"LR must be positive, got {cfg['LR']}: use --lr 2e-4")
+    for name, low, high in (("EMA_DECAY", 0, 1), ("ADAM_BETA2", 0, 1), ("COND_DROP", 0, 1), ("DROPOUT", 0, 1)):
+        if not low <= cfg[name] < high:
+            raise InputError(f"{name} must be in [{low}, {high}), got {cfg[name]}: use {flag(name)} X")
     if cfg["AUTOGUIDANCE"] < 1 or not 0 < cfg["GUIDE_AT"] < 1:
-        raise UserError(f"AUTOGUIDANCE must be 1 (off) or more and GUIDE_AT in (0, 1), got {cfg['AUTOGUIDANCE']} and "
-                        f"{cfg['GUIDE_AT']}: use --autoguidance 1.5 --guide-at 0.25")
+        raise InputError(f"AUTOGUIDANCE must be 1 (off) or more and GUIDE_AT in (0, 1), got {cfg['AUTOGUIDANCE']} "
+                         f"and {cfg['GUIDE_AT']}: use --autoguidance 1.5 --guide-at 0.25")
     if not 0 <= cfg["LR_FLOOR"] <= 1:
-        raise UserError(f"LR_FLOOR must be in [0, 1] (a share of LR), got {cfg['LR_FLOOR']}: use --lr-floor 0.1")
-    for name, allowed in (("CONDITION", CONDITIONS), ("BETA_SCHEDULE", SCHEDULES), ("SAMPLER", SAMPLERS),
-                          ("PREDICTION", PREDICTIONS), ("LR_DECAY", ("constant", "cosine")),
-                          ("TIMESTEP_SAMPLING", ("uniform", "logit-normal", "edm")),
-                          ("COMPILE", ("auto", "true", "false")), ("BF16", ("auto", "true", "false"))):
+        raise InputError(f"LR_FLOOR must be in [0, 1] (a share of LR), got {cfg['LR_FLOOR']}: use --lr-floor 0.1")
+    for name, allowed in (*CHOICES.items(), ("BETA_SCHEDULE", BETA_SCHEDULES), ("SAMPLER", SAMPLERS)):
         if cfg[name] not in allowed:
-            raise UserError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
+            raise InputError(f"unknown {name} {cfg[name]!r}: choose one of {', '.join(allowed)}")
     if not cfg["CHANNEL_MULT"] or min(cfg["CHANNEL_MULT"]) <= 0:
-        raise UserError(f"CHANNEL_MULT must be positive integers, got {cfg['CHANNEL_MULT']}")
+        raise InputError(f"CHANNEL_MULT must be positive integers, got {cfg['CHANNEL_MULT']}")
     factor = cfg["PATCH_SIZE"] * 2 ** (len(cfg["CHANNEL_MULT"]) - 1)
     if cfg["IMAGE_SIZE"] % factor:
-        raise UserError(f"IMAGE_SIZE {cfg['IMAGE_SIZE']} is not a multiple of {factor}, the U-Net's downsampling "
-                        f"factor for PATCH_SIZE {cfg['PATCH_SIZE']} and CHANNEL_MULT {cfg['CHANNEL_MULT']}: pick a "
-                        f"multiple of {factor}")
-    sizes = {cfg["IMAGE_SIZE"] // cfg["PATCH_SIZE"] // 2 ** i for i in range(len(cfg["CHANNEL_MULT"]))}
+        raise InputError(f"IMAGE_SIZE {cfg['IMAGE_SIZE']} is not a multiple of {factor}, the U-Net's downsampling "
+                         f"factor for PATCH_SIZE {cfg['PATCH_SIZE']} and CHANNEL_MULT {cfg['CHANNEL_MULT']}: pick a "
+                         f"multiple of {factor}")
+    sizes = unet_resolutions(cfg)
     for r in cfg["ATTN_RESOLUTIONS"]:
         if r not in sizes:
-            raise UserError(f"ATTN_RESOLUTIONS has {r}, which never occurs in the U-Net at IMAGE_SIZE "
-                            f"{cfg['IMAGE_SIZE']} (resolutions: {sorted(sizes)})")
+            raise InputError(f"ATTN_RESOLUTIONS has {r}, which never occurs in the U-Net at IMAGE_SIZE "
+                             f"{cfg['IMAGE_SIZE']} (resolutions: {sorted(sizes)})")
     if cfg["SAMPLE_STEPS"] > cfg["TIMESTEPS"]:
-        raise UserError(f"SAMPLE_STEPS {cfg['SAMPLE_STEPS']} is more than TIMESTEPS {cfg['TIMESTEPS']}")
-    if cfg["NUM_RES_BLOCKS"] < 1 or cfg["DROPOUT"] < 0 or cfg["DROPOUT"] >= 1:
-        raise UserError("NUM_RES_BLOCKS must be at least 1 and DROPOUT in [0, 1)")
+        raise InputError(f"SAMPLE_STEPS {cfg['SAMPLE_STEPS']} is more than TIMESTEPS {cfg['TIMESTEPS']}")
     return cfg
+
+
+def unet_resolutions(cfg):
+    """The sides of the U-Net's feature maps, level by level (after PATCH_SIZE's folding)."""
+    return [cfg["IMAGE_SIZE"] // cfg["PATCH_SIZE"] // 2 ** i for i in range(len(cfg["CHANNEL_MULT"]))]
 
 
 def conditions_of(cfg):
@@ -207,56 +218,61 @@ def conditions_of(cfg):
 def spread_conditions(n, classes, positions=(0.0, 1.0)):
     """Conditions for n samples: class indices cycling through `classes` (a list of indices, or None for no class),
     and slice positions evenly spread from positions[0] to positions[1] (None for no position)."""
-    y = torch.tensor([classes[i % len(classes)] for i in range(n)]) if classes else None
-    return y, torch.linspace(*positions, n) if positions is not None else None
+    labels = torch.tensor([classes[i % len(classes)] for i in range(n)]) if classes else None
+    return labels, torch.linspace(*positions, n) if positions is not None else None
 
 
 # ---------------------------------------------------------------- noise schedule
+# Notation (Kingma et al. 2021): x_t = alpha_t x_0 + sigma_t eps, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+def linear_betas(timesteps):
+    """Ho et al. 2020: betas rising linearly from 1e-4 to 0.02 (for T = 1000; scaled for other T)."""
+    scale = 1000 / timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps, offset=0.008):
+    """Nichol & Dhariwal 2021, eq. 17: abar_t = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2."""
+    t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+def sigmoid_betas(timesteps, start=-3.0, end=3.0):
+    """Jabri et al. 2022: abar follows a sigmoid in t (from start to end, tau 1)."""
+    t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
+    v0, v1 = (torch.sigmoid(torch.tensor(v, dtype=torch.float64)) for v in (start, end))
+    f = (v1 - torch.sigmoid(t * (end - start) + start)) / (v1 - v0)
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+BETA_SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+
+
 @functools.lru_cache
-def noise_levels(schedule, timesteps, device="cpu"):
-    """sigma_t = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of each step t = 0..T-1 (rising), made
-    once per device: training looks sigmas up in it every step, with no host-to-device copy."""
+def noise_to_signal(schedule, timesteps, device="cpu"):
+    """sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1 (rising): the noise riding on the unscaled
+    image x_t / alpha_t, EDM's sigma. Made once per device: training looks it up every step, with no copy."""
     abar = NoiseSchedule(timesteps, schedule).alphas_cumprod
     return ((1 - abar) / abar).sqrt().float().to(device)
 
 
-def make_betas(schedule, timesteps):
-    """Betas in float64: 'linear' (Ho et al. 2020), 'cosine' (Nichol & Dhariwal 2021) or 'sigmoid'."""
-    if schedule == "linear":
-        scale = 1000 / timesteps  # keeps the schedule's shape for other T
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    if schedule == "cosine":
-        s = 0.008
-        t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    if schedule == "sigmoid":  # Jabri et al. 2022: abar follows a sigmoid in t (start -3, end 3, tau 1)
-        t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
-        v0, v1 = torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)), torch.sigmoid(torch.tensor(3.0, dtype=torch.float64))
-        f = (v1 - torch.sigmoid(t * 6 - 3)) / (v1 - v0)
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise UserError(f"unknown BETA_SCHEDULE {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-
-
 class NoiseSchedule:
-    """The forward process q(x_t | x_0) and three reverse samplers over T discrete steps."""
+    """The forward process q(x_t | x_0) over T discrete steps, the training target, and the reverse samplers."""
 
     def __init__(self, timesteps=TIMESTEPS, schedule=BETA_SCHEDULE, prediction=PREDICTION):
-        if prediction not in PREDICTIONS:
-            raise UserError(f"unknown PREDICTION {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
         self.timesteps, self.prediction = timesteps, prediction
-        self.betas = make_betas(schedule, timesteps)
+        self.betas = BETA_SCHEDULES[schedule](timesteps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
 
-    def _ab(self, t, x):
-        """sqrt(abar_t) and sqrt(1 - abar_t) for integer steps t, shaped to broadcast over x."""
+    def alpha_sigma(self, t, x):
+        """alpha_t and sigma_t for integer steps t, shaped to broadcast over x."""
         abar = self.alphas_cumprod.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
         return abar.sqrt(), (1 - abar).sqrt()
 
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
-        a, s = self._ab(t, x0)
-        return a * x0 + s * noise
+        """x_t = alpha_t x0 + sigma_t noise."""
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
 
     def target(self, x0, noise, t):
         """What the network is trained to output for this x0, noise and t."""
@@ -264,8 +280,8 @@ class NoiseSchedule:
             return noise
         if self.prediction == "x0":
             return x0
-        a, s = self._ab(t, x0)
-        return a * noise - s * x0  # v (Salimans & Ho 2022)
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * noise - sigma * x0  # v (Salimans & Ho 2022)
 
     def snr(self, t):
         abar = self.alphas_cumprod.to(t.device)[t].float()
@@ -279,13 +295,25 @@ class NoiseSchedule:
             return torch.ones_like(snr)
         return snr.clamp(max=gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
 
-    def split(self, out, x, a, s):
+    def split(self, out, x, alpha, sigma):
         """Turn a network output at x_t into (eps, x0) predictions."""
         if self.prediction == "eps":
-            return out, (x - s * out) / a
+            return out, (x - sigma * out) / alpha
         if self.prediction == "x0":
-            return (x - a * out) / s, out
-        return s * x + a * out, a * x - s * out
+            return (x - alpha * out) / sigma, out
+        return sigma * x + alpha * out, alpha * x - sigma * out
+
+    def denoise(self, model, x, t, clip):
+        """(eps, x0) predicted by model at x_t, step t (an int); with clip, x0 clamped to [-1, 1] and eps made to
+        agree with it."""
+        abar = self.alphas_cumprod.to(x.device)[t].float()
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        out = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+        eps, x0 = self.split(out, x, alpha, sigma)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - alpha * x0) / sigma
+        return eps, x0
 
     # ------------------------------------------------------------ sampling
     def sampling_steps(self, start_t, steps, power=STEP_SPACING):
@@ -297,62 +325,99 @@ class NoiseSchedule:
     @torch.no_grad()
     def sample(self, model, shape=None, sampler=SAMPLER, steps=SAMPLE_STEPS, eta=DDIM_ETA, x=None, start_t=None,
                generator=None, device="cpu", clip=True, callback=None, spacing=STEP_SPACING):
-        """Run the reverse process and return x_0.
+        """Run the reverse process with one of SAMPLERS and return x_0.
 
-        model(x_t, t) returns the network output; `x` and `start_t` start part-way (denoise a noised
-        image), otherwise from N(0, I) of `shape` at t = T-1. `spacing` is STEP_SPACING's power;
-        `callback(i, n, x_t, x0_pred)` sees every step.
+        model(x_t, t) returns the network output; `x` and `start_t` start part-way (denoise a noised image),
+        otherwise from N(0, I) of `shape` at t = T-1. `spacing` is STEP_SPACING's power; `callback(i, n, x_t,
+        x0_pred)` sees every step.
         """
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         start_t = self.timesteps - 1 if start_t is None else int(start_t)
         if x is None:
             x = torch.randn(shape, generator=generator, device=device)
         ts = list(range(start_t, -1, -1)) if sampler == "ddpm" else self.sampling_steps(start_t, steps, spacing)
-        abar = self.alphas_cumprod.to(x.device)
-        x0_prev, h_prev = None, None
-        for i, t in enumerate(ts):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            ab_t = abar[t].float()
-            ab_p = abar[t_prev].float() if t_prev >= 0 else torch.ones((), device=x.device)
-            a, s = ab_t.sqrt(), (1 - ab_t).sqrt()
-            out = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
-            eps, x0 = self.split(out, x, a, s)
-            if clip:
-                x0 = x0.clamp(-1, 1)
-                eps = (x - a * x0) / s
-            if t_prev < 0:
+        update = functools.partial(ddim_step, eta=eta) if sampler == "ddim" else SAMPLERS[sampler]
+        noise = functools.partial(torch.randn, x.shape, generator=generator, device=x.device)
+        abar, previous = self.alphas_cumprod.to(x.device).float(), None
+        for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [-1])):
+            eps, x0 = self.denoise(model, x, t, clip)
+            if t_next < 0:  # the last step lands on the model's image
                 x = x0
-            elif sampler == "ddpm":  # ancestral step with the posterior variance
-                beta = 1 - ab_t / ab_p
-                mean = (ab_p.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_p) * x) / (1 - ab_t)
-                var = beta * (1 - ab_p) / (1 - ab_t)
-                x = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
-            elif sampler == "ddim":
-                sigma = eta * ((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)).sqrt()
-                x = ab_p.sqrt() * x0 + (1 - ab_p - sigma ** 2).sqrt() * eps
-                if eta > 0:
-                    x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
-            else:  # DPM-Solver++(2M) (Lu et al. 2022) in log-SNR time: the ODE, or with 'dpm++sde' the SDE
-                a_p, s_p = ab_p.sqrt(), (1 - ab_p).sqrt()
-                h = torch.log(a_p / s_p) - torch.log(a / s)
-                d = x0
-                if x0_prev is not None:
-                    r = h_prev / h
-                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-                if sampler == "dpm++":
-                    x = (s_p / s) * x - a_p * torch.expm1(-h) * d
-                else:
-                    fresh = -torch.expm1(-2 * h)  # 1 - exp(-2h): the share of fresh noise at t_prev
-                    noise = torch.randn(x.shape, generator=generator, device=x.device)
-                    x = (s_p / s) * torch.exp(-h) * x + a_p * fresh * d + s_p * fresh.sqrt() * noise
-                x0_prev, h_prev = x0, h
+            else:
+                x, previous = update(x, x0, eps, abar[t], abar[t_next], noise, previous)
             if callback is not None:
                 callback(i, len(ts), x, x0)
         return x
 
 
+# ---------------------------------------------------------------- samplers: one step each, from t to t' < t
+# Each takes x_t, the model's (x0, eps) at t, abar_t and abar_t', a source of fresh N(0, I) noise, and what the
+# previous step left (multistep solvers); it returns x_t' and what the next step needs.
+def ddpm_step(x, x0, eps, abar, abar_next, noise, previous):
+    """Ancestral sampling, Ho et al. 2020 eq. 6-7: a draw from the posterior q(x_t' | x_t, x0) with mean
+    (sqrt(abar_t') beta x0 + sqrt(1 - beta) (1 - abar_t') x_t) / (1 - abar_t) and variance beta (1 - abar_t') /
+    (1 - abar_t), where beta = 1 - abar_t / abar_t' (t' = t - 1 here)."""
+    beta = 1 - abar / abar_next
+    mean = (abar_next.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_next) * x) / (1 - abar)
+    variance = beta * (1 - abar_next) / (1 - abar)
+    return mean + variance.sqrt() * noise(), None
+
+
+def ddim_step(x, x0, eps, abar, abar_next, noise, previous, eta=0.0):
+    """DDIM, Song et al. 2021 eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - s^2) eps + s z, with
+    s = eta sqrt((1 - abar_t') / (1 - abar_t) (1 - abar_t / abar_t')) (eq. 16): eta 0 deterministic, 1 like ddpm."""
+    spread = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
+    x = abar_next.sqrt() * x0 + (1 - abar_next - spread ** 2).sqrt() * eps
+    return (x + spread * noise() if eta > 0 else x), None
+
+
+def _log_snr_step(abar, abar_next):
+    """alpha_t', sigma_t', sigma_t' / sigma_t and h = lambda_t' - lambda_t, lambda = log(alpha / sigma)."""
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    alpha_next, sigma_next = abar_next.sqrt(), (1 - abar_next).sqrt()
+    return alpha_next, sigma_next, sigma_next / sigma, torch.log(alpha_next / sigma_next) - torch.log(alpha / sigma)
+
+
+def _second_order_x0(x0, h, previous):
+    """DPM-Solver++(2M)'s x0 estimate, Lu et al. 2022 Alg. 2: (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = h_prev / h;
+    the first step (no previous x0) is first order."""
+    if previous is None:
+        return x0
+    x0_prev, h_prev = previous
+    r = h_prev / h
+    return (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+
+
+def dpmpp_2m_step(x, x0, eps, abar, abar_next, noise, previous):
+    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2 (the probability-flow ODE in log-SNR time):
+    x_t' = (sigma_t' / sigma_t) x_t - alpha_t' (e^-h - 1) D, D the second-order x0 estimate."""
+    alpha_next, _, ratio, h = _log_snr_step(abar, abar_next)
+    return ratio * x - alpha_next * torch.expm1(-h) * _second_order_x0(x0, h, previous), (x0, h)
+
+
+def dpmpp_2m_sde_step(x, x0, eps, abar, abar_next, noise, previous):
+    """DPM-Solver++(2M) SDE, Lu et al. 2022 (arXiv:2211.01095, eq. 18 with the 2M data estimate):
+    x_t' = (sigma_t' / sigma_t) e^-h x_t + alpha_t' (1 - e^-2h) D + sigma_t' sqrt(1 - e^-2h) z."""
+    alpha_next, sigma_next, ratio, h = _log_snr_step(abar, abar_next)
+    fresh = -torch.expm1(-2 * h)  # 1 - e^-2h: the share of fresh noise at t'
+    z = noise()
+    return (ratio * torch.exp(-h) * x + alpha_next * fresh * _second_order_x0(x0, h, previous)
+            + sigma_next * fresh.sqrt() * z), (x0, h)
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step, "dpm++": dpmpp_2m_step, "dpm++sde": dpmpp_2m_sde_step}
+
+
 # ---------------------------------------------------------------- helpers
+def show_path(path):
+    """A path that prints anywhere, whatever bytes its name holds."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def io_threads():
+    """Threads that decode, resample and write images and scans (numpy, PIL, nibabel and torch release the GIL)."""
+    return min(8, os.cpu_count() or 1)
+
+
 def get_device():
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -397,73 +462,3 @@ def save_png(x, path, nrow=None):
     img = x if x.dim() == 3 else make_grid(x.float(), nrow=nrow or math.ceil(math.sqrt(len(x))), padding=2)[:1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     to_pil_image(to_unit(img.cpu())).save(path)
-
-
-def save_checkpoint(state, path):
-    """Write atomically: temporary file, fsync, then rename; the old file becomes NAME.prev.pt."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):  # keep the last good one, never leaving `path` missing
-            _copy_replace(path, prev_path(path))
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path} ({e.strerror}): free some disk space or choose another "
-                        f"--output-dir; the previous checkpoint is untouched") from None
-
-
-def prev_path(path):
-    """Where save_checkpoint keeps the previous version of path: NAME.prev.pt."""
-    return path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
-
-
-def _copy_replace(src, dst):
-    """Atomically make dst a copy of src (a hard link where the file system allows)."""
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        return  # one file already (killed between the renames): rename() onto its own hard link would do nothing
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # file system without hard links
-            import shutil
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _load_failure(e, path):
-    """Why torch.load refused a file, in a few plain words."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message holds terminal colour codes
-    if unsafe := re.search(r"Unsupported global: GLOBAL (\S+)", text):
-        return f"it holds Python objects ({unsafe.group(1)}) that could run code, so it is never unpickled"
-    if isinstance(e, OSError):
-        return e.strerror or text
-    return "empty file" if os.path.getsize(path) == 0 else "truncated or corrupt"
-
-
-def load_checkpoint(path, advice="delete it or pass another --checkpoint"):
-    """Load a checkpoint safely (weights_only=True: no code in it ever runs)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train first (python train.py) or pass --checkpoint PATH")
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({_load_failure(e, path)})"
-                        + (f": {advice}" if advice else "")) from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"{path} is not a checkpoint of this project (no model or config in it)")
-    if "CONDITION" not in state["config"]:  # written before CONDITION: CONDITIONAL=True meant class conditioning
-        state["config"]["CONDITION"] = "class" if state["config"].pop("CONDITIONAL", False) else "none"
-    state["config"].setdefault("PATCH_SIZE", 1)  # written before PATCH_SIZE: no pixels were folded
-    return state

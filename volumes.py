@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils import show_path
+
 SCAN_EXTS = (".nii", ".nii.gz", ".hdr", ".mgz")  # files read as scans (any case); an Analyze .hdr needs its .img
 PERCENTILES = (0.5, 99.5)  # per scan, intensities are clipped to these percentiles of the non-zero voxels
 PERCENTILE_VOXELS = 2_000_000  # the percentiles are taken on an even lattice of about this many voxels at most
@@ -111,7 +113,7 @@ def read_scans(paths, size, workers):
     """Every scan's slices, decoded by a thread pool holding one scan per worker: (uint8 N x 1 x S x S, positions
     (N,), slices kept per path (0 where skipped), scan sizes found, skip messages, notices)."""
     def one(p):
-        shown = os.fsencode(p).decode("utf-8", "replace")  # prints whatever bytes the name holds
+        shown = show_path(p)
         try:
             images, positions, desc, notice = read_scan(p, size)
             return images, positions, desc, notice and f"{shown} {notice}"

@@ -19,7 +19,7 @@ import train
 import utils
 import volumes
 from modules import Denoiser, UNet, guided_output
-from utils import NoiseSchedule, UserError
+from utils import NoiseSchedule, InputError
 
 
 def config(data_dir, **overrides):
@@ -77,7 +77,7 @@ def test_data_without_the_condition_is_one_clear_error(tmp_path, case, condition
         write_blobs(str(tmp_path / "healthy"), 4)
     else:
         make_oasis(tmp_path / "keras_png_slices_data")
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.load_data(config(tmp_path, CONDITION=condition))
     assert "\n" not in str(e.value) and expected in str(e.value), str(e.value)
     if case == "loose" and condition == "slice":
@@ -110,28 +110,28 @@ def tiny_conditional_unet():
 
 def test_not_given_conditions_use_their_learned_entries():
     model, x, t = tiny_conditional_unet(), torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 900])
-    y, s = torch.tensor([0, 1, -1]), torch.tensor([0.2, float("nan"), 0.9])
+    labels, positions = torch.tensor([0, 1, -1]), torch.tensor([0.2, float("nan"), 0.9])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t), model(x, t, torch.full((3,), -1), torch.full((3,), float("nan"))))
-        full = model(x, t, y, s)
+        full = model(x, t, labels, positions)
         assert not torch.allclose(full[0], model(x[:1], t[:1])[0])
-        torch.testing.assert_close(full[2], model(x[2:], t[2:], None, s[2:])[0])
-        assert not torch.allclose(model(x, t, y, s.nan_to_num(0.5))[1], full[1])  # NaN is not a position
+        torch.testing.assert_close(full[2], model(x[2:], t[2:], None, positions[2:])[0])
+        assert not torch.allclose(model(x, t, labels, positions.nan_to_num(0.5))[1], full[1])  # NaN is not a position
 
 
 def test_guidance_combines_one_batched_pair():
     model, x, t = tiny_conditional_unet(), torch.randn(4, 1, 16, 16), torch.tensor([5, 50, 500, 950])
-    y, s = torch.tensor([0, 1, 0, 1]), torch.tensor([0.1, 0.4, 0.6, 0.9])
+    labels, positions = torch.tensor([0, 1, 0, 1]), torch.tensor([0.1, 0.4, 0.6, 0.9])
     calls = []
     counted = lambda *a: calls.append(len(a[0])) or model(*a)  # noqa: E731
     with torch.no_grad():
-        cond, uncond = model(x, t, y, s), model(x, t)
-        torch.testing.assert_close(guided_output(counted, x, t, y, s, 0.0), uncond)  # 0: the unconditional model
-        torch.testing.assert_close(guided_output(counted, x, t, y, s, 1.0), cond)
-        torch.testing.assert_close(guided_output(counted, x, t, y, s, 3.0), uncond + 3 * (cond - uncond),
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(guided_output(counted, x, t, None, s, 3.0),
-                                   model(x, t) + 3 * (model(x, t, None, s) - model(x, t)), rtol=1e-4, atol=1e-5)
+        cond, uncond = model(x, t, labels, positions), model(x, t)
+        guided = lambda scale: guided_output(counted, x, t, labels, positions, scale)  # noqa: E731
+        torch.testing.assert_close(guided(0.0), uncond)  # 0: the unconditional model
+        torch.testing.assert_close(guided(1.0), cond)
+        torch.testing.assert_close(guided(3.0), uncond + 3 * (cond - uncond), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(guided_output(counted, x, t, None, positions, 3.0),
+                                   model(x, t) + 3 * (model(x, t, None, positions) - model(x, t)), rtol=1e-4, atol=1e-5)
     assert calls == [4, 4, 8, 8]  # the guided pair is one call of twice the batch
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, REPO)
 import dataset  # noqa: E402
 import demo  # noqa: E402
 import utils  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import InputError  # noqa: E402
 
 
 def config(data_dir, **overrides):
@@ -142,7 +142,7 @@ def test_read_folder_sorted_and_errors(tmp_path):
     x = dataset.read_folder(str(tmp_path), 8)
     assert x[:, 0, 0, 0].tolist() == [30, 20, 10]
     assert dataset.read_folder(str(tmp_path / "1.png"), 8).shape == (1, 1, 8, 8)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.read_folder(str(tmp_path / "missing"), 8)
     assert one_line(e)
 
@@ -209,7 +209,7 @@ def test_bad_layouts_one_line_error(tmp_path, case, expected):
         if case == "empty_adni_test":
             for c in ("AD", "NC"):
                 os.makedirs(tmp_path / "AD_NC" / "test" / c)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.load_data(config(tmp_path / "nope" if case == "missing" else tmp_path))
     assert one_line(e) and expected in str(e.value), str(e.value)
 
@@ -238,7 +238,7 @@ def test_bad_files_skipped_with_warnings(tmp_path, capsys, monkeypatch):
     for sub in ("sub1", "sub2"):
         for f in (tmp_path / sub).iterdir():
             f.unlink()
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.load_data(config(tmp_path))
     assert one_line(e) and "could be read" in str(e.value)
 
@@ -290,7 +290,7 @@ def test_default_data_dir_builds_demo_once(tmp_path, monkeypatch, capsys):
     assert "building the demo set" in capsys.readouterr().out
     monkeypatch.setattr(demo, "build_demo", lambda *a, **k: pytest.fail("rebuilt the demo"))
     assert len(dataset.load_data(config("data/", OASIS_TRAIN_ON_TEST=True)).train) == 44
-    with pytest.raises(UserError):  # another DATA_DIR never gets a demo
+    with pytest.raises(InputError):  # another DATA_DIR never gets a demo
         dataset.load_data(config(tmp_path / "other"))
     make_folder(tmp_path / "data" / "mine", 5)  # real data wins over the demo
     d = dataset.load_data(config("data"))

@@ -60,10 +60,11 @@ def test_small_strength_gives_back_the_input(tiny_run):
     import predict as p
     model, schedule, cfg, _, _, _ = p.load_model(os.path.join(tiny_run, "checkpoint.pt"), True, torch.device("cpu"))
     images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
-    run = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0, STEP_SPACING=2.0)
+    settings = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0, STEP_SPACING=2.0, GUIDANCE=1.0,
+                    AUTOGUIDANCE=1.0)
     import tempfile
     with tempfile.TemporaryDirectory() as out:
-        result = p.denoise(Denoiser(model), schedule, images, run, 0.002, torch.device("cpu"), out)
+        result = p.denoise(p.Sampling(model, schedule, cfg, settings, torch.device("cpu")), images, 0.002, out)
     assert (result - (images.float() / 127.5 - 1)).abs().mean() < 0.05
 
 
@@ -72,14 +73,14 @@ def test_step_spacing_reaches_the_sampler(tmp_path):
     from utils import NoiseSchedule
     schedule, seen = NoiseSchedule(1000, "cosine", "eps"), []
 
-    def net(x, t, y=None, s=None):
+    def net(x, t, labels=None, positions=None):
         seen.append(int(t[0]))
         return torch.zeros_like(x)
     for spacing, expected in ((1.0, [999, 749, 500, 250, 0]), (3.0, [999, 421, 125, 16, 0])):
-        run = dict(SEED=0, NUM_SAMPLES=1, SAMPLE_BATCH=1, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0,
-                   STEP_SPACING=spacing, GUIDANCE=1.0, AUTOGUIDANCE=1.0)
+        settings = dict(SEED=0, NUM_SAMPLES=1, SAMPLE_BATCH=1, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0,
+                        STEP_SPACING=spacing, GUIDANCE=1.0, AUTOGUIDANCE=1.0)
         seen.clear()
-        sampling = p.Sampling(net, schedule, dict(IMAGE_SIZE=8, CHANNELS=1), run, torch.device("cpu"))
+        sampling = p.Sampling(net, schedule, dict(IMAGE_SIZE=8, CHANNELS=1), settings, torch.device("cpu"))
         p.generate(sampling, 1, str(tmp_path))
         assert seen == expected
 
@@ -178,9 +179,11 @@ def test_denoise_takes_noised_images_along_the_exact_ode(tmp_path):
     schedule, strength, seed = NoiseSchedule(1000, "cosine", "v"), 0.3, 4
     gen = torch.Generator().manual_seed(0)
     images = ((MU2 + SIGMA2 * torch.randn(8, 1, 32, 32, generator=gen)).clamp(-1, 1) * 127.5 + 127.5).round().byte()
-    run = dict(SEED=seed, SAMPLER="dpm++", SAMPLE_STEPS=25, DDIM_ETA=0.0, STEP_SPACING=2.0)
-    result = p.denoise(gaussian_oracle(schedule, "v", MU2, SIGMA2), schedule, images, run, strength,
-                       torch.device("cpu"), str(tmp_path))
+    settings = dict(SEED=seed, SAMPLER="dpm++", SAMPLE_STEPS=25, DDIM_ETA=0.0, STEP_SPACING=2.0, GUIDANCE=1.0,
+                    AUTOGUIDANCE=1.0)
+    oracle = gaussian_oracle(schedule, "v", MU2, SIGMA2)
+    sampling = p.Sampling(lambda x, t, *cond: oracle(x, t), schedule, {}, settings, torch.device("cpu"))
+    result = p.denoise(sampling, images, strength, str(tmp_path))
     clean, start_t = images.float() / 127.5 - 1, round(strength * 1000) - 1
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     noised = schedule.q_sample(clean, torch.full((8,), start_t), noise)

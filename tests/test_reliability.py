@@ -25,10 +25,11 @@ from PIL import Image
 
 from conftest import ROOT, TINY, run_script, write_blobs
 
+import checkpoints
 import dataset  # the repository is on sys.path (conftest)
 import train
 import utils
-from utils import UserError
+from utils import InputError
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 # the hostile images make PIL warn on its way to refusing them (dataset.py then skips them with its own warning)
@@ -67,7 +68,7 @@ def temp_files(folder):
 
 
 def step_of(path):
-    return utils.load_checkpoint(path)["step"]
+    return checkpoints.load_checkpoint(path)["step"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert saved[-1] == 0 or f"resuming from {ckpt} at step {saved[-1]}" in r.stdout
-    state = utils.load_checkpoint(ckpt)
+    state = checkpoints.load_checkpoint(ckpt)
     assert state["step"] == 40 and [h["step"] for h in state["history"]][-1] == 40
     assert step_of(os.path.join(out, "checkpoint.prev.pt")) <= 40
     assert temp_files(out) == []
@@ -200,9 +201,9 @@ def test_sigkill_inside_checkpoint_writes(tiny_data, tmp_path):
 def test_save_after_a_kill_between_the_renames(tmp_path):
     """checkpoint.prev.pt and checkpoint.pt one file (hard links): the next save still leaves no temporary file."""
     path = str(tmp_path / "checkpoint.pt")
-    utils.save_checkpoint({"model": {}, "config": {}, "step": 1}, path)
+    checkpoints.save_checkpoint({"model": {}, "config": {}, "step": 1}, path)
     os.link(path, str(tmp_path / "checkpoint.prev.pt"))
-    utils.save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
+    checkpoints.save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
     assert step_of(path) == 2 and step_of(str(tmp_path / "checkpoint.prev.pt")) == 1
 
@@ -219,7 +220,7 @@ def corrupt(path, how):
 def test_unreadable_checkpoint_falls_back_to_prev(run_copy, how, capsys):
     ckpt = os.path.join(run_copy, "checkpoint.pt")
     corrupt(ckpt, how)
-    state, path = train.load_resume_state(ckpt)
+    state, path = checkpoints.load_resume_state(ckpt)
     assert path == os.path.join(run_copy, "checkpoint.prev.pt") and state["step"] == 6
     said = capsys.readouterr().out
     assert f"notice: {ckpt} is not a readable checkpoint (" in said and "resuming from the previous" in said
@@ -228,13 +229,13 @@ def test_unreadable_checkpoint_falls_back_to_prev(run_copy, how, capsys):
 
 def test_missing_checkpoint_resumes_from_prev(run_copy, capsys):
     os.remove(os.path.join(run_copy, "checkpoint.pt"))  # as if killed between the two renames
-    state, path = train.load_resume_state(os.path.join(run_copy, "checkpoint.pt"))
+    state, path = checkpoints.load_resume_state(os.path.join(run_copy, "checkpoint.pt"))
     assert path.endswith("checkpoint.prev.pt") and state["step"] == 6 and "is missing" in capsys.readouterr().out
 
 
 def test_checkpoint_without_optimizer_falls_back(run_copy):
     shutil.copy(os.path.join(run_copy, "best.pt"), os.path.join(run_copy, "checkpoint.pt"))  # a mix-up
-    assert train.load_resume_state(os.path.join(run_copy, "checkpoint.pt"))[1].endswith("checkpoint.prev.pt")
+    assert checkpoints.load_resume_state(os.path.join(run_copy, "checkpoint.pt"))[1].endswith("checkpoint.prev.pt")
 
 
 @pytest.mark.parametrize("prev", ["missing", "corrupt"])
@@ -245,15 +246,15 @@ def test_no_usable_checkpoint_asks_for_fresh(run_copy, prev):
         os.remove(os.path.join(run_copy, "checkpoint.prev.pt"))
     else:
         corrupt(os.path.join(run_copy, "checkpoint.prev.pt"), "garbage")
-    with pytest.raises(UserError) as e:
-        train.load_resume_state(ckpt)
+    with pytest.raises(InputError) as e:
+        checkpoints.load_resume_state(ckpt)
     msg = single_line(e)
     assert "--fresh" in msg and "truncated or corrupt" in msg
     assert ("there is no checkpoint.prev.pt" in msg) == (prev == "missing")
 
 
 def test_nothing_to_resume(tmp_path):
-    assert train.load_resume_state(str(tmp_path / "checkpoint.pt")) == (None, None)
+    assert checkpoints.load_resume_state(str(tmp_path / "checkpoint.pt")) == (None, None)
 
 
 def test_train_survives_a_truncated_checkpoint_and_fresh_starts_over(run_copy, tiny_data):
@@ -312,8 +313,8 @@ def test_the_payload_is_real(tmp_path, writer):
                                             ("pickle5", "truncated or corrupt")])  # refused before any global
 def test_load_checkpoint_never_unpickles_code(tmp_path, writer, reason):
     marker = str(tmp_path / "marker")
-    with pytest.raises(UserError) as e:
-        utils.load_checkpoint(malicious(str(tmp_path / "evil.pt"), marker, writer))
+    with pytest.raises(InputError) as e:
+        checkpoints.load_checkpoint(malicious(str(tmp_path / "evil.pt"), marker, writer))
     assert reason in single_line(e) and not os.path.exists(marker)
 
 
@@ -341,7 +342,7 @@ def test_unwritable_output_dir_fails_up_front(tmp_path):
 def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, fails):
     path = str(tmp_path / "checkpoint.pt")
     for v in (1.0, 2.0):
-        utils.save_checkpoint({"model": {"w": torch.full((64,), v)}, "config": {}}, path)
+        checkpoints.save_checkpoint({"model": {"w": torch.full((64,), v)}, "config": {}}, path)
     before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
     assert sorted(before) == ["checkpoint.prev.pt", "checkpoint.pt"]
 
@@ -351,8 +352,8 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, fails)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr({"save": torch, "fsync": os, "rename": os}[fails],
                         {"save": "save", "fsync": "fsync", "rename": "replace"}[fails], no_space)
-    with pytest.raises(UserError) as e:
-        utils.save_checkpoint({"model": {"w": torch.full((64,), 3.0)}, "config": {}}, path)
+    with pytest.raises(InputError) as e:
+        checkpoints.save_checkpoint({"model": {"w": torch.full((64,), 3.0)}, "config": {}}, path)
     monkeypatch.undo()
     assert "No space left on device" in single_line(e) and "--output-dir" in str(e.value)
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # nothing else left behind
@@ -371,9 +372,8 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, fails)
     ("--patch-size 0", "PATCH_SIZE must be positive"),
     ("--patch-size 3", "not a multiple of 48"), ("--patch-size 2 --attn-resolutions 128", "ATTN_RESOLUTIONS has 128")])
 def test_out_of_range_settings(flags, expected):
-    cfg = utils.config_from_args(utils.build_parser("test").parse_args(flags.split()))
-    with pytest.raises(UserError) as e:
-        utils.check_config(cfg)
+    with pytest.raises(InputError) as e:
+        utils.parse_settings(utils.build_parser("test"), flags.split())
     assert expected in single_line(e)
 
 
@@ -470,7 +470,7 @@ def test_hostile_folder_reads_exactly_the_good_images(tmp_path, capsys):
 def test_only_hostile_files_is_one_clear_error(tmp_path):
     folder = str(tmp_path / "data")
     hostile_files(folder)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.load_data(config(folder))
     assert "could be read" in single_line(e)
     r = script("dataset.py", folder, "--image-size", "16", timeout=120)
@@ -498,7 +498,7 @@ def test_mutated_images_are_read_or_skipped_never_fatal(tmp_path, capsys):
     try:
         d = dataset.load_data(config(folder))
         read = len(d.train) + len(d.val)
-    except UserError:
+    except InputError:
         read = 0
     warned = capsys.readouterr().err.count("warning: skipping ")
     assert read + warned == n and warned > 0

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from utils import NoiseSchedule, SCHEDULES, noise_levels
+from utils import NoiseSchedule, BETA_SCHEDULES, noise_to_signal
 
 MU, SIGMA = 0.3, 0.5  # per-pixel data distribution N(MU, SIGMA^2)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", BETA_SCHEDULES)
 def test_betas_and_alphas_cumprod(schedule):
     s = NoiseSchedule(1000, schedule)
     assert s.betas.dtype == torch.float64
@@ -54,9 +54,9 @@ def oracle(schedule, prediction):
 def test_prediction_conversions_round_trip(prediction):
     s = NoiseSchedule(1000, "cosine", prediction)
     x0, noise, t = torch.randn(64, 1, 4, 4), torch.randn(64, 1, 4, 4), torch.randint(0, 1000, (64,))
-    a, sd = s._ab(t, x0)
+    alpha, sigma = s.alpha_sigma(t, x0)
     xt = s.q_sample(x0, t, noise)
-    eps, x0_hat = s.split(s.target(x0, noise, t), xt, a, sd)
+    eps, x0_hat = s.split(s.target(x0, noise, t), xt, alpha, sigma)
     torch.testing.assert_close(eps, noise, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(x0_hat, x0, atol=1e-3, rtol=1e-3)
 
@@ -66,7 +66,7 @@ def test_prediction_conversions_round_trip(prediction):
 CASES = [("ddpm", 1000, 0.015), ("ddim", 50, 0.04), ("dpm++", 25, 0.025), ("dpm++sde", 25, 0.05)]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", BETA_SCHEDULES)
 @pytest.mark.parametrize("sampler,steps,tol", CASES)
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_samplers_recover_gaussian_data(schedule, sampler, steps, tol, prediction):
@@ -156,13 +156,13 @@ def test_starting_part_way_denoises(sampler):
         assert torch.corrcoef(torch.stack([out, x0]))[0, 1] > 0.12
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_noise_levels_are_each_steps_noise_to_signal_ratio(schedule):
+@pytest.mark.parametrize("schedule", BETA_SCHEDULES)
+def test_noise_to_signal_are_each_steps_noise_to_signal_ratio(schedule):
     """x_t / sqrt(abar_t) = x0 + sigma_t noise: sigma_t is the noise that rides on the unscaled image."""
     sched = NoiseSchedule(200, schedule, "eps")
     t = torch.tensor([0, 50, 120, 199])
     x0, noise = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
     unscaled = sched.q_sample(x0, t, noise) / sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).float()
-    levels = noise_levels(schedule, 200)
+    levels = noise_to_signal(schedule, 200)
     torch.testing.assert_close(unscaled - x0, levels[t].view(-1, 1, 1, 1) * noise, rtol=1e-3, atol=1e-4)
     assert torch.all(levels[1:] > levels[:-1])  # rising: searchsorted may look a sigma up in it

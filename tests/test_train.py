@@ -122,13 +122,14 @@ def test_ema_follows_the_documented_warmup():
 @pytest.mark.parametrize("floor", [0.1, 0.0])
 def test_learning_rate_warmup_then_cosine_to_the_floor(floor):
     cfg = {"LR": 1e-3, "WARMUP_STEPS": 10, "LR_DECAY": "cosine", "LR_FLOOR": floor}
-    lr = lambda step: train.learning_rate(cfg, step, (step - 10) / 100)  # noqa: E731  100 steps of decay
+    lr = lambda step: train.learning_rate(cfg, step, 110)  # noqa: E731  100 steps of decay
     assert [lr(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
     assert lr(10) == pytest.approx(1e-3)
     assert lr(35) == pytest.approx(1e-3 * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.25))))
     assert lr(60) == pytest.approx(1e-3 * (1 + floor) / 2)
     assert lr(110) == pytest.approx(1e-3 * floor, abs=1e-12) and lr(500) == pytest.approx(1e-3 * floor, abs=1e-12)
-    assert train.learning_rate(dict(cfg, LR_DECAY="constant"), 60, 0.5) == pytest.approx(1e-3)
+    assert train.learning_rate(dict(cfg, LR_DECAY="constant"), 60, 110) == pytest.approx(1e-3)
+    assert train.learning_rate(cfg, 60, None) == pytest.approx(1e-3)  # a time budget's plan not made yet: the peak
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -153,10 +154,10 @@ def test_min_snr_weights(prediction):
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(5, 1, 8, 8, generator=gen) * 2 - 1, torch.randn(5, 1, 8, 8, generator=gen)
     x_t = schedule.q_sample(x0, t, noise)
-    a, s = schedule._ab(t, x0)
+    alpha, sigma = schedule.alpha_sigma(t, x0)
     wrong_x0 = x0 + 0.1 * torch.randn(x0.shape, generator=gen)  # a prediction off by this much in x0 ...
-    wrong_eps = (x_t - a * wrong_x0) / s
-    out = {"eps": wrong_eps, "x0": wrong_x0, "v": a * wrong_eps - s * wrong_x0}[prediction]
+    wrong_eps = (x_t - alpha * wrong_x0) / sigma
+    out = {"eps": wrong_eps, "x0": wrong_x0, "v": alpha * wrong_eps - sigma * wrong_x0}[prediction]
     weighted = (out - schedule.target(x0, noise, t)).pow(2).mean((1, 2, 3)) * schedule.loss_weight(t, gamma)
     torch.testing.assert_close(weighted, snr.clamp(max=gamma) * (wrong_x0 - x0).pow(2).mean((1, 2, 3)),
                                rtol=1e-3, atol=1e-6)  # ... costs the same whatever the network predicts
@@ -196,7 +197,7 @@ def test_edm_timesteps_put_ln_sigma_on_a_normal(mean, std):
     cfg = batch_config(TIMESTEPS=1000, TIMESTEP_SAMPLING="edm", EDM_MEAN=mean, EDM_STD=std)
     images, idx, gen = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), torch.Generator().manual_seed(0)
     t = train.make_batch(images, idx, gen, cfg, 0, 1, torch.device("cpu"))[1]
-    levels = utils.noise_levels(cfg["BETA_SCHEDULE"], 1000)
+    levels = utils.noise_to_signal(cfg["BETA_SCHEDULE"], 1000)
     normal = torch.distributions.Normal(mean, std)
     for k in (30, 100, 200, 400, 700):
         assert abs((t <= k).float().mean() - normal.cdf(levels[k].log())) < 0.015, k
@@ -208,14 +209,15 @@ def test_conditions_are_dropped_independently_at_cond_drop():
     images, idx = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
     labels, positions = torch.randint(0, 2, (n,)), torch.rand(n)
     gen = torch.Generator().manual_seed(0)
-    _, _, _, (y, s) = train.make_batch(images, idx, gen, batch_config(COND_DROP=0.3), 0, 1, torch.device("cpu"),
-                                       labels, positions)
-    no_class, no_slice = y == -1, s.isnan()
+    _, _, _, (got_labels, got_positions) = train.make_batch(images, idx, gen, batch_config(COND_DROP=0.3), 0, 1,
+                                                            torch.device("cpu"), labels, positions)
+    no_class, no_slice = got_labels == -1, got_positions.isnan()
     assert abs(no_class.float().mean() - 0.3) < 0.03 and abs(no_slice.float().mean() - 0.3) < 0.03
     assert abs((no_class & no_slice).float().mean() - 0.09) < 0.02  # independent: 0.3 x 0.3
-    assert torch.equal(y[~no_class], labels[~no_class]) and torch.equal(s[~no_slice], positions[~no_slice])
-    _, _, _, (y, s) = train.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
-    assert y is None and s is None
+    assert torch.equal(got_labels[~no_class], labels[~no_class])
+    assert torch.equal(got_positions[~no_slice], positions[~no_slice])
+    _, _, _, (got_labels, got_positions) = train.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
+    assert got_labels is None and got_positions is None
 
 
 def test_a_nonfinite_loss_skips_the_update():
@@ -276,17 +278,24 @@ def test_stop_request_first_asks_then_interrupts():
 
 # ---------------------------------------------------------------- a time budget, on a fake clock
 class FakeClock:
-    """Seconds that pass only when training does: 1 per step, 2 per validation, 3 per sample grid."""
+    """Seconds that pass only when training does: 1 a step (2 once `slow_after` steps are done), 1/32 a validation of
+    the 2 held-out blobs, 2.8125 a sample grid (what a validation's forward passes say: 36 images x 5 steps x 1/64)."""
 
-    def __init__(self, monkeypatch):
-        self.t = 1000.0
+    def __init__(self, monkeypatch, slow_after=None):
+        self.t, self.steps, self.slow_after = 1000.0, 0, slow_after
         monkeypatch.setattr(train, "now", lambda: self.t)
-        for name, cost in (("train_step", 1.0), ("validation_loss", 2.0), ("sample_grid", 3.0)):
+        monkeypatch.setattr(train, "PLAN_SKIP", 1)
+        monkeypatch.setattr(train, "PLAN_STEPS", 2)
+        for name, cost in (("train_step", None), ("validation_loss", 1 / 32), ("sample_grid", 2.8125)):
             monkeypatch.setattr(train, name, self.costing(getattr(train, name), cost))
 
     def costing(self, function, seconds):
         def timed(*args, **kwargs):
-            self.t += seconds
+            if seconds is None:  # a training step
+                self.steps += 1
+                self.t += 2.0 if self.slow_after is not None and self.steps > self.slow_after else 1.0
+            else:
+                self.t += seconds
             return function(*args, **kwargs)
         return timed
 
@@ -303,21 +312,36 @@ def train_in_process(monkeypatch, *args):
     return torch.load(os.path.join(args[args.index("--output-dir") + 1], "checkpoint.pt"), weights_only=True)
 
 
-def test_a_time_budget_ends_training_inside_it(tiny_data, tmp_path, monkeypatch):
-    """30 fake seconds, 4 steps an epoch: epoch 1 (4 s) and its validation and first grid (5 s: now the reserve),
-    two epochs with validation (12 s), then steps until the reserve is all that is left (4 s) and the last
-    validation and grid (5 s): 16 steps in exactly 30 s, the learning rate decayed to its floor at the last step;
-    the early snapshot for autoguidance taken at the first step past a quarter of the budget."""
+BUDGET_FLAGS = [*TINY, "--epochs", "1000", "--sample-every", "1000", "--lr", "1e-3", "--autoguidance", "1"]
+
+
+def test_a_time_budget_becomes_a_plan_that_ends_inside_it(tiny_data, tmp_path, monkeypatch, capsys):
+    """30 fake seconds, 4 steps an epoch: steps 2-3 are timed (1 s each), then a validation (1/32 s) and a checkpoint
+    (0 s) are timed; a grid is told from the validation (2.8125 s). A step with its share of the epoch-end validations
+    and grids costs 1.0085 s; 30 - 3.03 s spent - 2.84 s kept for the end buy 23 more steps: a plan of 26, ending at
+    29.06 s, the learning rate at its floor on the last step, the early snapshot at step 7 (GUIDE_AT of 26)."""
     FakeClock(monkeypatch)
-    common = ["--data-dir", tiny_data, *TINY, "--epochs", "1000", "--sample-every", "1000", "--lr", "1e-3"]
-    state = train_in_process(monkeypatch, "--output-dir", tmp_path, *common, "--train-minutes", "0.5")
-    assert state["step"] == 16 and state["elapsed_s"] == 30
-    assert state["guide"]["step"] == 5  # the first step past GUIDE_AT (7.5 s): 10 s + the 5 s reserve
+    state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
+                             "--train-minutes", "0.5")
+    assert "plan: 8 images/s here: 26 steps fill the 0.5-minute budget (3 s kept" in capsys.readouterr().out
+    assert state["plan"] == {"steps": 26, "minutes": 0.5, "final_s": 2.84375}
+    assert state["step"] == 26 and state["elapsed_s"] == 29.0625
+    assert state["guide"]["step"] == 7
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
-    assert float(rows[-1]["lr"]) == pytest.approx(1e-4) and float(rows[-1]["step"]) == 16
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-4) and float(rows[-1]["step"]) == 26
     lrs = [float(r["lr"]) for r in rows if int(r["step"]) > 2]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[0] > 0.9e-3  # a cosine laid over the 30 seconds
-    assert sorted(os.listdir(tmp_path / "samples")) == ["epoch_0001.png", "epoch_0004.png"]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[0] > 0.9e-3  # a cosine laid over the plan
+    assert sorted(os.listdir(tmp_path / "samples")) == ["epoch_0007.png"]
+
+
+def test_a_machine_that_slows_down_still_ends_inside_the_budget(tiny_data, tmp_path, monkeypatch, capsys):
+    """Steps cost 2 s once the plan (26 steps at 1 s) is made: the clock stops the run at the first log point where
+    the next window (4 s) and the end (2.84 s) no longer fit: step 14, at 27.97 s."""
+    FakeClock(monkeypatch, slow_after=3)
+    state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
+                             "--train-minutes", "0.5")
+    assert "stopping at step 14 of 26" in capsys.readouterr().out
+    assert state["step"] == 14 and state["elapsed_s"] == 27.96875
 
 
 def test_adam_beta2_reaches_the_optimizer_also_on_resume(tiny_data, tmp_path, monkeypatch):
@@ -329,13 +353,17 @@ def test_adam_beta2_reaches_the_optimizer_also_on_resume(tiny_data, tmp_path, mo
 
 
 def test_a_resumed_run_keeps_its_budget(tiny_data, tmp_path, monkeypatch):
-    """Stopped by a 15 s budget and resumed under a 30 s one, the run counts the 15 s already spent."""
+    """Stopped by a 15 s budget (a plan of 12 steps, ending at 14.94 s) and resumed under a 30 s one, the run counts
+    the time already spent: it plans again from its own first steps, 24 in all, ending at 29.88 s. Resumed under
+    the same budget, its plan stands."""
     FakeClock(monkeypatch)
-    common = ["--data-dir", tiny_data, "--output-dir", tmp_path, *TINY, "--epochs", "1000", "--sample-every", "1000"]
+    common = ["--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS]
     first = train_in_process(monkeypatch, *common, "--train-minutes", "0.25")
-    assert first["elapsed_s"] == 15 and first["step"] == 5  # 9 s, 1 step, 5 s
+    assert first["step"] == 12 and first["elapsed_s"] == 14.9375
     second = train_in_process(monkeypatch, *common, "--train-minutes", "0.5")
-    assert second["elapsed_s"] == 29 and second["step"] == 12  # 3 steps and validation, 4 and validation, grid
+    assert second["plan"]["steps"] == 24 and second["step"] == 24 and second["elapsed_s"] == 29.875
+    third = train_in_process(monkeypatch, *common, "--train-minutes", "0.5")
+    assert third["plan"] == second["plan"] and third["step"] == 24
 
 
 def test_training_grids_sample_in_grid_steps(tmp_path):

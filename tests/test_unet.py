@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from modules import UNet
-from utils import NoiseSchedule, UserError
+from utils import InputError, NoiseSchedule, check_config, constants
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=2)
 
@@ -56,17 +56,16 @@ def test_patch_size_runs_the_unet_on_folded_pixels():
     x = torch.randn(2, 1, 64, 64)
     assert model(x, torch.tensor([0, 999])).shape == x.shape
     assert seen == [(torch.Size([2, 4, 32, 32]), torch.Size([2, 8, 32, 32]))]
-    with pytest.raises(UserError, match="ATTN_RESOLUTIONS"):  # attention sizes are the U-Net's own, after folding
-        UNet(64, patch_size=2, attn_resolutions=(64,), **TINY)
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(UserError, match="multiple"):
-        UNet(36, channel_mult=(1, 2, 2, 2), attn_resolutions=())
-    with pytest.raises(UserError, match="ATTN_RESOLUTIONS"):
-        UNet(32, attn_resolutions=(5,), **TINY)
-    with pytest.raises(UserError, match="multiple of the U-Net's downsampling factor 6"):
-        UNet(32, patch_size=3, attn_resolutions=(), **TINY)
+@pytest.mark.parametrize("sizes, expected", [
+    (dict(IMAGE_SIZE=64, PATCH_SIZE=2, ATTN_RESOLUTIONS=(64,)), "ATTN_RESOLUTIONS has 64"),  # after folding: 32, 16
+    (dict(IMAGE_SIZE=36, CHANNEL_MULT=(1, 2, 2, 2), ATTN_RESOLUTIONS=()), "not a multiple of 8"),
+    (dict(IMAGE_SIZE=32, CHANNEL_MULT=(1, 2), ATTN_RESOLUTIONS=(5,)), "ATTN_RESOLUTIONS has 5"),
+    (dict(IMAGE_SIZE=32, CHANNEL_MULT=(1, 2), PATCH_SIZE=3, ATTN_RESOLUTIONS=()), "not a multiple of 6")])
+def test_sizes_the_unet_cannot_take_are_refused_with_the_settings(sizes, expected):
+    with pytest.raises(InputError, match=expected):
+        check_config(dict(constants(), **sizes))
 
 
 def shapes(size=16):

@@ -18,7 +18,7 @@ import dataset  # noqa: E402
 import demo  # noqa: E402
 import utils  # noqa: E402
 import volumes  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import InputError  # noqa: E402
 
 SIZE = 32
 
@@ -156,7 +156,7 @@ def test_split_and_class_folders(tmp_path, capsys):
     d = dataset.load_data(config(tmp_path))
     assert [s.split for s in d.scans].count("val") == 1 and d.classes == ["AD", "NC"]
     shutil.move(tmp_path / "train", tmp_path / "val")
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.load_data(config(tmp_path))
     assert "no train folder" in str(e.value) and "\n" not in str(e.value)
 
@@ -216,7 +216,7 @@ def test_bad_scans_named_and_skipped(tmp_path, capsys):
     assert len(lines) == len(reasons)
     for name in ("good_0.nii.gz", "good_1.nii.gz", "four_d.nii.gz"):
         os.remove(tmp_path / name)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(InputError) as e:
         dataset.load_data(config(tmp_path))
     assert "none of the 10 scans" in str(e.value) and "\n" not in str(e.value)
 
