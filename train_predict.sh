@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
 # Train, then generate: ./train_predict.sh [train.py flags...]
-# No GPU: the CPU quick profile below. One GPU: plain python. Several: torchrun, one process per GPU.
+# No GPU: the CPU quick profile (configs/cpu_quick.args). One GPU: plain python. Several: torchrun, one process per GPU.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-
-# CPU quick profile: 64 px folded into a 32 px, 2.9M-parameter U-Net; noise levels as EDM; 8 minutes of training
-QUICK_PROFILE=(--image-size 64 --patch-size 2 --base-channels 32 --channel-mult 1,2,4 --num-res-blocks 1
-               --attn-resolutions 8 --batch-size 16 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --min-snr-gamma 0
-               --timestep-sampling edm --train-minutes 8 --sample-every 8 --checkpoint-every 500)
 
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found: install Python 3.9+ (or set PYTHON=...)" >&2; exit 1; }
 "$PYTHON" -c "import torch, torchvision, numpy, PIL, matplotlib, tqdm, nilearn, torchmetrics" 2>/dev/null || {
@@ -17,7 +12,7 @@ command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found: install Pyt
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -eq 0 ]; then
   echo "no GPU found: running the CPU quick profile (64 px, small U-Net, about 10 minutes in all)"
-  train=("$PYTHON" train.py "${QUICK_PROFILE[@]}")
+  train=("$PYTHON" train.py @configs/cpu_quick.args)  # the preset: 64 px, small U-Net
   predict=("$PYTHON" predict.py)
 elif [ "$gpus" -eq 1 ]; then
   train=("$PYTHON" train.py)

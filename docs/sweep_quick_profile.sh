@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# The quality-per-CPU-minute sweep behind the CPU quick profile (README, "Quality per minute").
-# Each line of CONFIGS is one run: the quick profile with those flags changed, trained for the same budget with the
+# The quality-per-CPU-minute sweep behind the CPU quick profile (docs/quality.md).
+# Each argument is one run: the quick profile (configs/cpu_quick.args) with those flags changed, trained for the same budget with the
 # same seed on the demo set, then measured by predict.py on 128 samples. Results: one line each in $OUT/sweep.tsv.
 # Usage: bash docs/sweep_quick_profile.sh OUT 'name|--flag value ...' ...   (run it on an otherwise idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1; shift
 mkdir -p "$out"
-base=(--image-size 64 --patch-size 2 --base-channels 32 --channel-mult 1,2,4 --num-res-blocks 1 --attn-resolutions 8
-      --batch-size 16 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --min-snr-gamma 0 --timestep-sampling edm
-      --train-minutes 8 --sample-every 1000 --checkpoint-every 100000 --seed 0)
+base=(@configs/cpu_quick.args --sample-every 1000 --checkpoint-every 100000 --seed 0)  # the quick profile, no grids
 for config in "$@"; do
   name=${config%%|*}; flags=${config#*|}
   run="$out/$name"
