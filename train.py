@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -26,6 +25,8 @@ from tqdm import tqdm
 import budget
 import checkpoints
 import dataset
+import distributed
+import evaluate
 import utils
 from budget import Plan
 from modules import Denoiser, build_model, load_network
@@ -37,20 +38,9 @@ MODEL_KEYS = ("IMAGE_SIZE", "PATCH_SIZE", "CHANNELS", "BASE_CHANNELS", "CHANNEL_
 VAL_IMAGES = 512  # validation images (fixed subset, fixed noise and timesteps)
 GRID_SAMPLES = 36  # images in each training sample grid
 GRID_STEPS = 25  # sampler steps of the training grids, previews that should not eat the budget (at most SAMPLE_STEPS)
-PLAN_SKIP = 5  # a time budget's plan: first steps of a process left untimed (compilation, memory allocation)
-PLAN_STEPS = 20  # a time budget's plan: steps timed after those, to turn the budget into a number of steps
-
-
-def setup_distributed():
-    """(rank, world size, device): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, utils.get_device()
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+PLAN_SKIP = 10  # a time budget's plan: first steps of a process left untimed (compilation, memory allocation)
+PLAN_STEPS = 40  # a time budget's plan: steps timed after those, to turn the budget into a number of steps
+PROCESS_START = time.time()  # when this process started (the demo and the data are read before training)
 
 
 def now():
@@ -224,14 +214,11 @@ class Run:
     net: torch.nn.Module  # the model as trained: compiled and/or wrapped in DDP
     noise_gen: torch.Generator
     bf16: bool  # bf16 autocast (BF16 on this device)
+    setup_s: float  # seconds this process took before training (the demo, the data, the model)
 
     @property
     def master(self):
         return self.rank == 0
-
-    @property
-    def budget_s(self):
-        return 60 * self.cfg["TRAIN_MINUTES"]
 
     def path(self, name):
         return os.path.join(self.cfg["OUTPUT_DIR"], name)
@@ -317,18 +304,6 @@ def prepare_process(cfg, rank, device):
         torch.backends.cudnn.benchmark = True
 
 
-def load_training_data(cfg, rank, world):
-    """The dataset; rank 0 builds the demo set or the cache first, the other ranks then read it."""
-    if rank > 0:
-        dist.barrier()
-    data = dataset.load_data(cfg)
-    if world > 1 and rank == 0:
-        dist.barrier()
-    if rank == 0:
-        print(data.summary())
-    return data
-
-
 def build_run(cfg, data, rank, world, device):
     """Model, EMA, optimizer, schedule and batch plan for this data on this device."""
     by_class, by_slice = utils.conditions_of(cfg)  # dataset.load_data made sure the data has what these need
@@ -355,7 +330,7 @@ def build_run(cfg, data, rank, world, device):
                                     weight_decay=cfg["WEIGHT_DECAY"], fused=True),
         net=DistributedDataParallel(compiled, device_ids=[device.index] if cuda else None) if world > 1 else compiled,
         noise_gen=torch.Generator(device=device).manual_seed(cfg["SEED"]),
-        bf16=bf16)
+        bf16=bf16, setup_s=time.time() - PROCESS_START)
 
 
 def kept_plan(run, saved):
@@ -363,7 +338,9 @@ def kept_plan(run, saved):
     made from this process's first steps)."""
     if not run.cfg["TRAIN_MINUTES"]:
         return Plan(run.steps_per_epoch * run.cfg["EPOCHS"])
-    return Plan(**saved) if saved and saved["minutes"] == run.cfg["TRAIN_MINUTES"] else None
+    if saved and tuple(saved["made_for"]) == budget.made_for(run.cfg):
+        return Plan(**saved)
+    return None
 
 
 def resume(run, fresh):
@@ -461,20 +438,21 @@ def time_first_steps(run, progress):
 
 
 def make_plan(run, progress, step_s):
-    """budget.plan_steps on rank 0, every rank getting its answer; a validation and a checkpoint are made now to
-    time them."""
-    cfg, answer = run.cfg, torch.zeros(2, dtype=torch.float64, device=run.device)
+    """budget.plan_steps on rank 0, every rank getting its answer; a validation, a checkpoint and a few steps of the
+    probe network's training (for predict.py's time) are timed now."""
+    cfg, answer = run.cfg, torch.zeros(3, dtype=torch.float64, device=run.device)
     if run.master:
-        val_s, save_s = validate(run, progress), save(run, progress)
-        val_images = min(VAL_IMAGES, len(run.data.val))
+        val_s, save_s, val_images = validate(run, progress), save(run, progress), min(VAL_IMAGES, len(run.data.val))
         costs = budget.Costs(step_s, val_s, save_s,
                              budget.grid_seconds(cfg, val_s, val_images, GRID_SAMPLES, grid_steps(cfg)))
-        plan = budget.plan_steps(cfg, progress.step, progress.elapsed(), costs, run.steps_per_epoch)
-        print(budget.describe(plan, costs, run.batch * run.world), flush=True)
-        answer = torch.tensor([plan.steps, plan.final_s], dtype=torch.float64, device=run.device)
-    if run.world > 1:
-        dist.broadcast(answer, 0)
-    progress.plan = Plan(int(answer[0].item()), cfg["TRAIN_MINUTES"], answer[1].item())
+        at = (cfg, progress.step, progress.elapsed(), costs, run.steps_per_epoch)
+        plan = budget.plan_steps(*at)
+        predict_s = budget.predict_seconds(cfg, len(run.classes), val_s / val_images,
+                                           evaluate.probe_seconds(run.data, run.device))
+        print(budget.describe(*at, run.batch * run.world / step_s, run.setup_s, predict_s), flush=True)
+        answer = torch.tensor([plan.steps, plan.minutes, plan.final_s], dtype=torch.float64, device=run.device)
+    steps, minutes, final_s = distributed.from_rank0(answer, run.world).tolist()
+    progress.plan = budget.Plan(int(steps), minutes, final_s, budget.made_for(cfg))
 
 
 def check_clock(run, progress, window_s):
@@ -482,13 +460,11 @@ def check_clock(run, progress, window_s):
     and the last validation, grid and checkpoint would no longer fit in the budget, by rank 0's clock."""
     if not run.cfg["TRAIN_MINUTES"] or progress.plan is None:
         return
-    late = progress.elapsed() + window_s + progress.plan.final_s > run.budget_s
-    late = torch.tensor(float(late), device=run.device)
-    if run.world > 1:
-        dist.broadcast(late, 0)
+    late = progress.elapsed() + window_s + progress.plan.final_s > 60 * progress.plan.minutes
+    late = distributed.from_rank0(torch.tensor(float(late), device=run.device), run.world)
     if late.item() and not progress.finished() and run.master:
         print(f"notice: training slowed down since the plan: stopping at step {progress.step:,} of "
-              f"{progress.plan.steps:,} to stay inside the {run.cfg['TRAIN_MINUTES']:g}-minute budget")
+              f"{progress.plan.steps:,} to stay inside the plan's {progress.plan.minutes:.1f} minutes")
     progress.out_of_time = bool(late.item())
 
 
@@ -576,20 +552,6 @@ def end_epoch(run, progress):
     return last
 
 
-def check_ranks_agree(run):
-    """Every rank must hold the same weights after DDP training; say so, cheaply."""
-    flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()])
-    reference = flat.clone()
-    dist.broadcast(reference, 0)
-    gap = (flat - reference).abs().max()
-    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
-    if run.master:
-        print(f"weights identical on all {run.world} ranks" if gap.item() == 0 else
-              f"warning: ranks differ by {gap.item():.2e}")
-    dist.barrier()  # no rank tears its connections down while another still uses them
-    dist.destroy_process_group()
-
-
 def finish(run, progress, stop):
     """Save; exit with code 130 when stopped early."""
     if stop.requested:
@@ -599,7 +561,7 @@ def finish(run, progress, stop):
                   f"run train.py again to resume")
         raise SystemExit(130)
     if run.world > 1:
-        check_ranks_agree(run)
+        distributed.check_ranks_agree(run.model, run.rank, run.world)
     if run.master:
         save(run, progress)
         print(f"done: {progress.step:,} steps in {progress.elapsed() / 60:.1f} min; checkpoint "
@@ -608,9 +570,11 @@ def finish(run, progress, stop):
 
 def main():
     cfg, fresh = parse_settings()
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     prepare_process(cfg, rank, device)
-    data = load_training_data(cfg, rank, world)
+    data = distributed.load_once(dataset.load_data, cfg, rank, world)
+    if rank == 0:
+        print(data.summary())
     run = build_run(cfg, data, rank, world, device)
     progress = resume(run, fresh)
     stop = StopRequest()

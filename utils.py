@@ -52,6 +52,8 @@ ADAM_BETA2 = 0.999  # AdamW's decay of its squared-gradient average (0.99 adapts
 GRAD_CLIP = 1.0  # gradient-norm clipping
 TRAIN_MINUTES = 20.0  # train for this many minutes of wall time, learning rate laid over them (0: EPOCHS decide)
 EPOCHS = 250  # passes over the training split, when TRAIN_MINUTES is 0
+MIN_STEPS = 0  # a time budget's floor: where TRAIN_MINUTES buys fewer steps, training takes longer to reach these
+MAX_TRAIN_MINUTES = 0.0  # MIN_STEPS: the longest training may then take (0: no limit)
 EMA_DECAY = 0.999  # exponential moving average of the weights (with warm-up)
 COMPILE = "auto"  # torch.compile the model: 'auto' (on CUDA only) | 'true' | 'false'
 BF16 = "auto"  # bf16 autocast: 'auto' (on CUDA, and on CPUs with AMX bf16 units) | 'true' | 'false'
@@ -60,8 +62,8 @@ CHECKPOINT_EVERY = 1000  # steps between checkpoints (one is also written at the
 LOG_EVERY = 50  # steps between log lines and loss checks
 MAX_NONFINITE = 20  # non-finite losses in a row that stop training
 # Sampling
-SAMPLER = "dpm++sde"  # 'ddpm' (all T steps) | 'ddim' | 'dpm++' (ODE) | 'dpm++sde' (as varied as ddpm at 100 steps)
-SAMPLE_STEPS = 100  # steps of ddim and dpm++(sde); at 25 the samples are less varied (README, "Fast sampler")
+SAMPLER = "dpm++sde"  # 'ddpm' (all T steps) | 'ddim' | 'dpm++' (ODE) | 'dpm++sde' (as varied as ddpm in 50 steps)
+SAMPLE_STEPS = 50  # steps of ddim and dpm++(sde): 50 draw as well as 100, 25 less varied (docs/quality.md)
 STEP_SPACING = 2.0  # ddim/dpm++(sde) timesteps t_i = T * (1 - i/n) ** STEP_SPACING: 1 even in t, 2 denser near the image
 DDIM_ETA = 0.0  # ddim noise: 0 deterministic, 1 like ddpm
 NUM_SAMPLES = 64  # images predict.py generates
@@ -172,7 +174,8 @@ def check_config(cfg):
     for name, value in cfg.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{name} must be a finite number, got {value}: use {flag(name)} X")
-    for name, allowed in ((n, (0, math.inf)) for n in ("TRAIN_MINUTES", "GUIDANCE", "WARMUP_STEPS")):
+    for name, allowed in ((n, (0, math.inf)) for n in ("TRAIN_MINUTES", "GUIDANCE", "WARMUP_STEPS", "MIN_STEPS",
+                                                        "MAX_TRAIN_MINUTES")):
         if not allowed[0] <= cfg[name] < allowed[1]:
             raise InputError(f"{name} must be 0 or more, got {cfg[name]}: use {flag(name)} X")
     if not cfg["LR"] > 0:

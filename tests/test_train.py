@@ -323,8 +323,8 @@ def test_a_time_budget_becomes_a_plan_that_ends_inside_it(tiny_data, tmp_path, m
     FakeClock(monkeypatch)
     state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
                              "--train-minutes", "0.5")
-    assert "plan: 8 images/s here: 26 steps fill the 0.5-minute budget (3 s kept" in capsys.readouterr().out
-    assert state["plan"] == {"steps": 26, "minutes": 0.5, "final_s": 2.84375}
+    assert "plan: this machine trains 8 images/s: 26 steps fill the 0.5-minute budget" in capsys.readouterr().out
+    assert state["plan"] == {"steps": 26, "minutes": 0.5, "final_s": 2.84375, "made_for": (0.5, 0, 0.0)}
     assert state["step"] == 26 and state["elapsed_s"] == 29.0625
     assert state["guide"]["step"] == 7
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -334,13 +334,25 @@ def test_a_time_budget_becomes_a_plan_that_ends_inside_it(tiny_data, tmp_path, m
     assert sorted(os.listdir(tmp_path / "samples")) == ["epoch_0007.png"]
 
 
+def test_a_step_floor_lengthens_the_budget_and_says_so(tiny_data, tmp_path, monkeypatch, capsys):
+    """The same 30 s buy 26 steps; --min-steps 40 asks for more: the plan takes the 43.2 s that 40 steps need
+    (3.03 s spent, 37 steps at 1.0085 s, 2.84 s for the end) and the run ends inside them, at 43.16 s."""
+    FakeClock(monkeypatch)
+    state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
+                             "--train-minutes", "0.5", "--min-steps", "40")
+    assert ("0.5 minutes buy 26 steps, fewer than the 40 these samples need (MIN_STEPS): training 0.7 minutes for "
+            "them (--min-steps 0 keeps 0.5)") in capsys.readouterr().out
+    assert state["plan"]["steps"] == 40 and state["plan"]["minutes"] * 60 == pytest.approx(43.19, abs=0.01)
+    assert state["step"] == 40 and state["elapsed_s"] == 43.15625
+
+
 def test_a_machine_that_slows_down_still_ends_inside_the_budget(tiny_data, tmp_path, monkeypatch, capsys):
     """Steps cost 2 s once the plan (26 steps at 1 s) is made: the clock stops the run at the first log point where
     the next window (4 s) and the end (2.84 s) no longer fit: step 14, at 27.97 s."""
     FakeClock(monkeypatch, slow_after=3)
     state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
                              "--train-minutes", "0.5")
-    assert "stopping at step 14 of 26" in capsys.readouterr().out
+    assert "stopping at step 14 of 26 to stay inside the plan's 0.5 minutes" in capsys.readouterr().out
     assert state["step"] == 14 and state["elapsed_s"] == 27.96875
 
 
