@@ -60,6 +60,7 @@ class Data:
     cache: str = ""
     sizes: dict = field(default_factory=dict)  # original image sizes found, 'WxH' (scans 'XxYxZ AxBxC mm'): count
     scans: list = field(default_factory=list)  # volumes: the Scans read, train ones first
+    val_names: list = field(default_factory=list)  # each held-out image's file under root (a scan's: FILE:K)
 
     def summary(self):
         s = self.train.shape[-1]
@@ -130,15 +131,16 @@ def _decode_all(paths, size):
     return images, keep, sizes, [r for r in results if isinstance(r, str)]
 
 
-def read_folder(path, image_size):
-    """All images in a folder (recursive, sorted by path) or one image file, as uint8 N x 1 x S x S."""
+def read_folder(path, image_size, with_names=False):
+    """All images in a folder (recursive, sorted by path) or one image file, as uint8 N x 1 x S x S; with_names, also
+    the paths they came from."""
     paths = [path] if os.path.isfile(path) else list_images(path) if os.path.isdir(path) else []
-    images, _, _, skipped = _decode_all(paths, image_size)
+    images, keep, _, skipped = _decode_all(paths, image_size)
     for msg in skipped:
         print(f"warning: skipping {msg}", file=sys.stderr)
     if not len(images):
         raise InputError(f"no readable images ({', '.join(IMAGE_EXTS)}) in {show_path(path)}: pass a folder of images")
-    return images
+    return (images, [paths[i] for i in keep]) if with_names else images
 
 
 # ---------------------------------------------------------------- the cache
@@ -334,7 +336,7 @@ def _locate(cfg):
         return None, folder, set(demos.values())  # real data in the default folder: never a demo
     labelled = utils.conditions_of(cfg)[0]
     demo = demos["demo_labelled" if labelled else "demo"]
-    if not os.path.isfile(os.path.join(demo, "DONE")):  # DONE is written last: a half-built demo is rebuilt
+    if not demo_sets.is_built(demo, labelled):  # a half-built demo, or one from before the labelled demo's truth
         try:
             (demo_sets.build_labelled_demo if labelled else demo_sets.build_demo)(demo)
         except OSError as e:
@@ -364,9 +366,11 @@ def _volume_data(root, got, classes, label_of, seed):
     images, positions = (torch.cat([c[k] for c in got.values()]) for k in ("images", "positions"))
     labels = torch.cat([torch.tensor([label_of[f] for f in c["files"]], dtype=torch.long)
                         .repeat_interleave(c["counts"]) for c in got.values()]) if classes else None
+    names = [f"{f}:{k}" for c in got.values() for f, n in zip(c["files"], c["counts"].tolist()) for k in range(n)]
     return Data("volumes", root, images[~val], images[val], labels[~val] if classes else None,
                 labels[val] if classes else None, classes, positions[~val], positions[val],
-                scans=sorted(scans, key=lambda x: x.split == "val"))
+                scans=sorted(scans, key=lambda x: x.split == "val"),
+                val_names=[n for n, v in zip(names, val.tolist()) if v])
 
 
 def load_data(cfg):
@@ -411,7 +415,7 @@ def load_data(cfg):
     if layout == "volumes":
         data, unnamed = _volume_data(root, got, classes, label_of, cfg["SEED"]), None
     else:
-        data = Data(name or layout, root, train[0], val[0])
+        data = Data(name or layout, root, train[0], val[0], val_names=list(val[1]))
         unnamed = conditions_from_names(data, layout, train[1], val[1], utils.conditions_of(cfg)[0])
     check_conditions(data, cfg, unnamed)
     data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, dict(sizes)
@@ -419,6 +423,22 @@ def load_data(cfg):
         print(f"notice: only {len(data.train)} training images, fewer than BATCH_SIZE {cfg['BATCH_SIZE']}: "
               f"training will use smaller batches")
     return data
+
+
+def read_truth(data):
+    """The labelled demo's truth for its held-out 'AD' slices (demo.py): (their indices in data.val, the healthy twins
+    as uint8 N x 1 x S x S, the atrophy masks as bool N x 1 x S x S), or None where the data has none. The masks are
+    made as demo.py makes its full-size ones, at this size: where slice and twin differ by more than TRUTH_LEVEL."""
+    folder = os.path.join(os.path.dirname(os.path.normpath(data.root)), demo_sets.TRUTH)
+    if not os.path.isdir(os.path.join(folder, "healthy")):
+        return None
+    found = [(i, os.path.basename(n)) for i, n in enumerate(data.val_names)
+             if os.path.isfile(os.path.join(folder, "healthy", os.path.basename(n)))]
+    if not found:
+        return None
+    index = torch.tensor([i for i, _ in found])
+    twins = _decode_all([os.path.join(folder, "healthy", n) for _, n in found], data.val.shape[-1])[0]
+    return index, twins, (data.val[index].int() - twins.int()).abs() > demo_sets.TRUTH_LEVEL
 
 
 def save_preview(data, path):

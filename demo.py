@@ -5,6 +5,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ ATROPHY_MIN = 0.35  # labelled demo: 'AD' subjects' atrophy severity is uniform 
 VENTRICLE_MM = 6  # atrophy at severity 1: ventricles grow by this much into the tissue around them
 CORTEX_MM = 3  # atrophy at severity 1: the cortex recedes by this much from the CSF and the outside (wider sulci)
 BRAIN_SHRINK = 0.06  # atrophy at severity 1: the whole brain is this much smaller
+TRUTH = "truth"  # labelled demo: beside AD_NC/, healthy/ twins and mask/ atrophy masks of held-out AD slices
+TRUTH_LEVEL = 12  # labelled demo: a pixel the atrophy changed by more than this (of 255) is in the true effect mask
+LABELLED_VERSION = "labelled demo 2: healthy twins and atrophy masks of the held-out AD slices in truth/"  # in DONE
 
 
 def _template(size):
@@ -82,28 +86,50 @@ def _atrophy(planes, severity):
     return torch.stack([t1, labels, ventricles.float(), cortex.float()], 1)
 
 
-def _demo_slices(vol, z, g, size, mm, severity=None):
-    """Deformed axial slices at positions z (voxels), with atrophy of the given severities: uint8 images and 4-level
-    masks, len(z) x size x size."""
+@dataclass
+class Look:
+    """The random parts of demo slices, one row each: rotation (degrees), zoom (a little more on one axis), shift
+    (mm), an elastic displacement and a log bias field (coarse grids, bicubically upsampled), gamma and contrast."""
+    angle: torch.Tensor
+    zoom: torch.Tensor
+    stretch: torch.Tensor
+    shift: torch.Tensor
+    elastic: torch.Tensor
+    bias: torch.Tensor
+    gamma: torch.Tensor
+    contrast: torch.Tensor
+
+
+def _random_look(n, g):
+    """The random parts of n demo slices, drawn from g in a fixed order."""
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)  # noqa: E731
+    angle, zoom, stretch, shift = u(-10, 10), u(0.9, 1.1, 1, 1), u(0.95, 1.05, 2, 1), u(-3, 3, 2, 1)
+    elastic, bias = torch.randn(n, 2, 5, 5, generator=g) * 3.0, torch.randn(n, 2, 4, 4, generator=g) * 0.1
+    return Look(angle, zoom, stretch, shift, elastic, bias, u(1.1, 1.8, 1, 1), u(0.9, 1.15, 1, 1))
+
+
+def _demo_slices(vol, z, look, size, mm, severity=None, shrink=None):
+    """Axial slices at positions z (voxels), seen through their Look, with atrophy of the given severities (None:
+    none, as 0), the brain made smaller by the atrophy of `shrink` (default: the same severities): uint8 images and
+    4-level masks, len(z) x size x size."""
     n, (_, _, ny, nx) = len(z), vol.shape
-    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)
-    smooth = lambda std, k: F.interpolate(torch.randn(n, 2, k, k, generator=g) * std, size=(DEMO_FIELD,) * 2,
-                                          mode="bicubic", align_corners=True)
     to_grid = torch.tensor([2 / (nx - 1), 2 / (ny - 1)]).view(1, 2, 1)  # voxels to grid_sample units
-    angle = u(-10, 10) * math.pi / 180  # rotation, zoom (a little more on one axis) and shift
+    angle = look.angle * math.pi / 180
     rot = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1).view(n, 2, 2)
-    rot = rot / (u(0.9, 1.1, 1, 1) * u(0.95, 1.05, 2, 1)) * (size - 1) / 2 * mm
-    if severity is not None:  # an atrophied brain is smaller
-        rot = rot / (1 - BRAIN_SHRINK * severity).view(n, 1, 1)
-    theta = torch.cat([rot, u(-3, 3, 2, 1)], 2) * to_grid
+    rot = rot / (look.zoom * look.stretch) * (size - 1) / 2 * mm
+    shrink = severity if shrink is None else shrink
+    if shrink is not None:  # an atrophied brain is smaller
+        rot = rot / (1 - BRAIN_SHRINK * shrink).view(n, 1, 1)
+    theta = torch.cat([rot, look.shift], 2) * to_grid
+    smooth = lambda grid: F.interpolate(grid, size=(DEMO_FIELD,) * 2, mode="bicubic", align_corners=True)  # noqa: E731
     field = F.affine_grid(theta, [n, 1, DEMO_FIELD, DEMO_FIELD], align_corners=True).permute(0, 3, 1, 2)
-    field = field + smooth(3.0, 5) * to_grid[..., None]  # elastic: a coarse random displacement grid (mm)
-    field = torch.cat([field, smooth(0.1, 4)[:, :1]], 1)  # and a log bias field
+    field = field + smooth(look.elastic) * to_grid[..., None]  # elastic: a coarse random displacement grid (mm)
+    field = torch.cat([field, smooth(look.bias)[:, :1]], 1)  # and a log bias field
     field = F.interpolate(field, size=(size, size), mode="bilinear", align_corners=True)
     planes = vol[z.round().long()] if severity is None else _atrophy(vol[z.round().long()], severity)
     t1 = F.grid_sample(planes[:, :1], field[:, :2].permute(0, 2, 3, 1), align_corners=True)[:, 0]
     labels = F.grid_sample(planes[:, 1:2], field[:, :2].permute(0, 2, 3, 1), mode="nearest", align_corners=True)[:, 0]
-    img = t1.clamp(0, 1) ** u(1.1, 1.8, 1, 1) * u(0.9, 1.15, 1, 1) * field[:, 2].exp()  # gamma, contrast, bias
+    img = t1.clamp(0, 1) ** look.gamma * look.contrast * field[:, 2].exp()  # gamma, contrast, bias
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), (labels * 85).to(torch.uint8)  # OASIS mask levels
 
 
@@ -123,7 +149,7 @@ def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
                 i = torch.arange(i0, min(n, i0 + DEMO_CHUNK))
                 k = i % DEMO_PER_CASE  # slice k of its case, k-th of DEMO_PER_CASE bands from bottom to top
                 z = (k + torch.rand(len(i), generator=g)) / DEMO_PER_CASE * (len(vol) - 1)
-                imgs, segs = _demo_slices(vol, z, g, size, mm)
+                imgs, segs = _demo_slices(vol, z, _random_look(len(z), g), size, mm)
                 names = [f"{case + j // DEMO_PER_CASE + 1:03d}_slice_{j % DEMO_PER_CASE}.nii.png" for j in i.tolist()]
                 list(pool.map(save, list(imgs) + list(segs), [os.path.join(img_dir, "case_" + f) for f in names]
                               + [os.path.join(seg_dir, "seg_" + f) for f in names]))
@@ -135,12 +161,19 @@ def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
 
 def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLICES, size=256, seed=0):
     """Write an ADNI-like labelled set, AD_NC/{train,test}/{AD,NC}/SUBJECT_K.png, from the MNI ICBM152 template:
-    'AD' subjects carry simulated atrophy of graded severity, 'NC' subjects none. K is the template slice number."""
+    'AD' subjects carry simulated atrophy of graded severity, 'NC' subjects none. K is the template slice number.
+    For each held-out 'AD' slice the truth goes beside, where dataset.py never reads: truth/healthy/SUBJECT_K.png,
+    the same slice without the tissue the atrophy took (same subject, look, position and brain size: the shrink stays,
+    as the random zoom of every slice hides it), and truth/mask/SUBJECT_K.png, white where the atrophy changed the
+    slice by more than TRUTH_LEVEL."""
     start = time.time()
     print(f"building the labelled demo set (simulated AD/NC) into {show_path(out_dir)} (first run only)...", flush=True)
     vol, mm = _template(size)
     g = torch.Generator().manual_seed(seed)
     save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)  # noqa: E731
+    truth = {kind: os.path.join(out_dir, TRUTH, kind) for kind in ("healthy", "mask")}
+    for folder in truth.values():
+        os.makedirs(folder, exist_ok=True)
     subject = 100_000
     with ThreadPoolExecutor(io_threads()) as pool:
         for split, per_class in zip(("train", "test"), subjects):
@@ -152,9 +185,25 @@ def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLI
                     severity = ATROPHY_MIN + (1 - ATROPHY_MIN) * torch.rand((), generator=g) if name == "AD" else 0
                     band = len(vol) // slices  # one slice in each of `slices` bands from bottom to top, all different
                     z = (torch.arange(slices) * len(vol) / slices).floor() + torch.randint(band, (slices,), generator=g)
-                    imgs, _ = _demo_slices(vol, z, g, size, mm, torch.full((slices,), float(severity)))
-                    list(pool.map(save, imgs, [os.path.join(folder, f"{subject}_{int(v)}.png") for v in z]))
+                    look, names = _random_look(slices, g), [f"{subject}_{int(v)}.png" for v in z]
+                    imgs_severity = torch.full((slices,), float(severity))
+                    imgs, _ = _demo_slices(vol, z, look, size, mm, imgs_severity)
+                    list(pool.map(save, imgs, [os.path.join(folder, f) for f in names]))
+                    if split == "test" and name == "AD":
+                        twins, _ = _demo_slices(vol, z, look, size, mm, torch.zeros(slices), shrink=imgs_severity)
+                        masks = ((imgs.int() - twins.int()).abs() > TRUTH_LEVEL).to(torch.uint8) * 255
+                        list(pool.map(save, list(twins) + list(masks), [os.path.join(truth["healthy"], f) for f in names]
+                                      + [os.path.join(truth["mask"], f) for f in names]))
     with open(os.path.join(out_dir, "DONE"), "w") as f:  # written last: a half-built demo is rebuilt
-        f.write(f"MNI ICBM152 labelled demo (simulated atrophy): {subjects} subjects per class, {slices} slices, "
+        f.write(f"{LABELLED_VERSION}\nMNI ICBM152, simulated atrophy: {subjects} subjects per class, {slices} slices, "
                 f"{size}px, seed {seed}\n")
     print(f"built the labelled demo: {2 * sum(subjects) * slices} slices in {time.time() - start:.0f} s")
+
+
+def is_built(out_dir, labelled):
+    """Whether a demo was built completely (DONE is written last), and for the labelled one, by this version."""
+    try:
+        with open(os.path.join(out_dir, "DONE")) as f:
+            return not labelled or f.readline().strip() == LABELLED_VERSION
+    except OSError:
+        return False

@@ -219,3 +219,41 @@ def train_on_synthetic(samples, y, data, device):
     images = (utils.to_unit(samples) * 255).round().to(torch.uint8)
     return {"tstr_samples": len(samples), "tstr_accuracy": classifier_accuracy(images, y.cpu(), data, device),
             "train_on_real_accuracy": probe_for(data, device)[1]["train_on_real_accuracy"]}
+
+
+# ---------------------------------------------------------------- edits: counterfactuals and effect maps
+def effectiveness(inputs, counterfactuals, target, data, device):
+    """The share of counterfactuals the probe reads as the target class, beside the share of their inputs it reads so
+    (the probe is never used to make them)."""
+    model, _ = probe_for(data, device)
+    read = lambda images: (read_slices(model, images, device)[1] == target).float().mean().item()  # noqa: E731
+    return {"effectiveness": read(counterfactuals), "inputs_read_as_target": read(inputs)}
+
+
+def truth_scores(inputs, counterfactuals, nulls, twins, masks, region):
+    """Against the truth ([-1, 1] images, mean absolute differences): inside the mask, how close the counterfactuals
+    come to the healthy twins beside how far the inputs are; outside it (in the brain region), how much they change
+    the inputs beside how much the null intervention does."""
+    outside = ~masks & region
+    mean = lambda a, b, where: (a - b).abs()[where].mean().item()  # noqa: E731
+    return {"cf_to_twin_in_mask": mean(counterfactuals, twins, masks), "input_to_twin_in_mask": mean(inputs, twins, masks),
+            "cf_change_outside_mask": mean(counterfactuals, inputs, outside),
+            "null_change_outside_mask": mean(nulls, inputs, outside), "mask_share_of_brain": masks.float().sum().item()
+            / region.float().sum().item()}
+
+
+def map_scores(name, maps, masks, region):
+    """Pixel AUROC and AUPRC of an effect map (larger: more likely changed) against the true mask, over the brain."""
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+    scores, truth = maps[region], masks[region].long()
+    return {f"{name}_map_auroc": binary_auroc(scores, truth).item(),
+            f"{name}_map_auprc": binary_average_precision(scores, truth).item()}
+
+
+def mean_by_height(data, label, positions, width=0.05):
+    """For each position, the mean training slice of class `label` within `width` of that height, in [-1, 1]: what a
+    healthy slice there looks like on average (the reference an effect map is compared with)."""
+    pool = data.train[data.train_labels == label].float() / 127.5 - 1
+    heights = data.train_positions[data.train_labels == label]
+    return torch.stack([pool[(heights - p).abs() <= width].mean(0) if ((heights - p).abs() <= width).any()
+                        else pool.mean(0) for p in positions.tolist()])

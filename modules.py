@@ -170,15 +170,18 @@ def load_network(cfg, num_classes, weights, device, bf16):
     return model.to(device, memory_format=utils.memory_format(bf16, device)).eval().requires_grad_(False)
 
 
-def guided_output(model, x, t, labels=None, positions=None, scale=1.0):
+def guided_output(model, x, t, labels=None, positions=None, scale=1.0, class_only=False):
     """The model's output under classifier-free guidance (Ho & Salimans 2022), uncond + scale * (cond - uncond), the
-    pair in one batched call; scale 0 is the unconditional model, 1 the conditional one. Conditions as for UNet."""
+    pair in one batched call; scale 0 is the unconditional model, 1 the conditional one. Conditions as for UNet; with
+    class_only the unconditional side keeps the positions, so that only the class is guided."""
+    kept = positions if class_only else None
     if scale == 0:
-        return model(x, t).float()
-    if scale == 1 or (labels is None and positions is None):
+        return model(x, t, None, kept).float()
+    if scale == 1 or (labels is None and (positions is None or class_only)):
         return model(x, t, labels, positions).float()
     pair_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, -1)])
-    pair_positions = None if positions is None else torch.cat([positions, torch.full_like(positions, math.nan)])
+    pair_positions = None if positions is None else torch.cat(
+        [positions, positions if class_only else torch.full_like(positions, math.nan)])
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), pair_labels, pair_positions).float().chunk(2)
     return uncond + scale * (cond - uncond)
 
@@ -189,17 +192,18 @@ class Denoiser:
     guide + autoguidance * (model - guide), which pushes the output away from the errors the early model makes
     more of (in the quick profile: speckle in the white matter)."""
 
-    def __init__(self, model, labels=None, positions=None, guidance=1.0, guide=None, autoguidance=1.0, bf16=False):
+    def __init__(self, model, labels=None, positions=None, guidance=1.0, guide=None, autoguidance=1.0, bf16=False,
+                 class_only=False):
         self.model, self.labels, self.positions, self.guidance = model, labels, positions, guidance
-        self.guide, self.autoguidance, self.bf16 = guide, autoguidance, bf16
+        self.guide, self.autoguidance, self.bf16, self.class_only = guide, autoguidance, bf16, class_only
 
     def __call__(self, x, t):
         x = x.contiguous(memory_format=utils.memory_format(self.bf16, x.device))
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = guided_output(self.model, x, t, self.labels, self.positions, self.guidance)
+            out = guided_output(self.model, x, t, self.labels, self.positions, self.guidance, self.class_only)
             if self.guide is None or self.autoguidance == 1:
                 return out
-            weak = guided_output(self.guide, x, t, self.labels, self.positions, self.guidance)
+            weak = guided_output(self.guide, x, t, self.labels, self.positions, self.guidance, self.class_only)
             return weak + self.autoguidance * (out - weak)
 
 

@@ -5,6 +5,8 @@
     python predict.py --input my_slices/ --strength 0.5   # noise given images part-way, then denoise them
     python predict.py --label AD --slice-position 0.4:0.7 # a conditional model: AD-like slices from mid-brain
     python predict.py --slice-sweep 16 --tstr 512         # one noise through 16 heights; train-on-synthetic test
+    python predict.py --to-label NC --input my_slices/    # counterfactuals: your slices (or scan) as NC
+    python predict.py --anomaly --to-label NC             # held-out slices: counterfactuals and effect maps
 """
 import json
 import os
@@ -16,7 +18,9 @@ from torchvision.utils import make_grid
 
 import checkpoints
 import dataset
+import edit
 import evaluate
+import pictures
 import utils
 from modules import Denoiser, load_network
 from utils import InputError
@@ -54,7 +58,8 @@ def parse_settings():
     parser = utils.build_parser(__doc__)
     parser.add_argument("--checkpoint", help="checkpoint to load (default: OUTPUT_DIR/checkpoint.pt)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
-    parser.add_argument("--input", help="denoise the images in this folder (default: a few held-out images)")
+    parser.add_argument("--input", help="your slices: an image, a folder of images, or (--to-label, --anomaly) a scan; "
+                                        "denoised, or edited (default: held-out slices)")
     parser.add_argument("--strength", type=float, default=0.5, help="noise level for denoising, in (0, 1]")
     parser.add_argument("--no-metrics", action="store_true", help="skip metrics.json")
     parser.add_argument("--label", help="class-conditional models: a class name or index, or 'all' to cycle through "
@@ -66,6 +71,12 @@ def parse_settings():
     parser.add_argument("--tstr", type=int, default=0, metavar="N",
                         help="class-conditional models: also train a classifier on N labelled samples and test it "
                              "on the real held-out slices")
+    parser.add_argument("--to-label", metavar="NAME", help="instead, counterfactuals: the slices (--input, or held-out "
+                        "ones of the other classes) as this class (a name, an index, or healthy: NC, CN, ...)")
+    parser.add_argument("--anomaly", action="store_true", help="instead, effect maps: each slice noised to --depth and "
+                        "reconstructed (toward --to-label's class, if given); where they differ")
+    parser.add_argument("--depth", type=float, default=edit.DEPTH, help="--to-label, --anomaly: how far into the "
+                        "diffusion the slices are taken, a share of its steps in (0, 1]")
     return utils.parse_settings(parser)
 
 
@@ -137,6 +148,12 @@ class Sampling:
         return Denoiser(self.net, to(labels), to(positions), self.settings["GUIDANCE"], self.guide,
                         self.settings["AUTOGUIDANCE"], self.bf16)
 
+    def plain(self, labels=None, positions=None, guidance=1.0):
+        """The model alone for these conditions, in fp32 (what DDIM inversion and its decoding need): no autoguidance,
+        classifier-free guidance (on the class only) where guidance is not 1."""
+        to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
+        return Denoiser(self.net, to(labels), to(positions), guidance, class_only=True)
+
     def sample(self, noise, labels=None, positions=None, callback=None, generator=None, start_t=None):
         """Samples from the given starting noise (at step start_t, default T-1) for these conditions, with the run's
         sampler."""
@@ -177,45 +194,6 @@ def same_noise(sampling, labels, positions):
 
 
 # ---------------------------------------------------------------- pictures
-def save_process(states, out):
-    """process.png: rows are samples, columns evenly spaced steps from noise to image; process.gif."""
-    cols = [states[round(i * (len(states) - 1) / (PROCESS_COLUMNS - 1))] for i in range(PROCESS_COLUMNS)]
-    rows = torch.stack(cols, dim=1).flatten(0, 1)  # sample-major: each row is one sample's process
-    utils.save_png(rows, os.path.join(out, "process.png"), nrow=PROCESS_COLUMNS)
-    picks = [states[round(i * (len(states) - 1) / (GIF_FRAMES - 1))] for i in range(GIF_FRAMES)]
-    save_gif([make_grid(x, nrow=len(x), padding=2)[:1] for x in picks] + [make_grid(picks[-1], nrow=len(picks[-1]),
-                                                                                   padding=2)[:1]] * 10,
-             os.path.join(out, "process.gif"))
-
-
-def save_gif(frames, path, duration=80):
-    """[-1, 1] images (1 x H x W) as a looping GIF."""
-    from PIL import Image
-    gif = [Image.fromarray((utils.to_unit(f[0]) * 255).byte().numpy()) for f in frames]
-    gif[0].save(path, save_all=True, append_images=gif[1:], duration=duration, loop=0)
-
-
-def save_labelled_grid(images, row_names, column_names, path, title):
-    """A grid of [-1, 1] images (rows x columns, row-major) with its rows and columns named."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows, cols = len(row_names), len(column_names)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.8, 1.3 * rows + 0.6), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.imshow(utils.to_unit(images[i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i % cols == 0:
-            ax.set_ylabel(row_names[i // cols])
-        if i >= (rows - 1) * cols:
-            ax.set_xlabel(column_names[i % cols])
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def conditions_grid(sampling, classes, by_slice, out):
     """conditions.png: rows are the classes, columns slice positions from bottom to top (or more samples)."""
     rows = classes or ["any class"]
@@ -225,34 +203,25 @@ def conditions_grid(sampling, classes, by_slice, out):
     images = sampling.sample(sampling.noise(len(rows) * CONDITION_COLUMNS, gen), labels,
                              positions.repeat(len(rows)) if by_slice else None, generator=gen)
     columns = [f"{p:.2f}" for p in positions.tolist()] if by_slice else [str(i + 1) for i in range(CONDITION_COLUMNS)]
-    save_labelled_grid(images, rows, columns, os.path.join(out, "conditions.png"),
+    pictures.save_labelled_grid(images, rows, columns, os.path.join(out, "conditions.png"),
                        ("slice position, bottom to top" if by_slice else "samples")
                        + f" (guidance {sampling.settings['GUIDANCE']:g})")
-
-
-def to_ras(slices):
-    """Axial slices as displayed here (N x S x S: anterior up, the patient's right on the left) as an
-    S x S x N array whose axes run to the right, anterior and superior (RAS+, what NIfTI viewers expect)."""
-    return slices.flip(1, 2).permute(2, 1, 0).numpy()
 
 
 def slice_sweep(sampling, classes, n, out):
     """One starting noise through n slice positions, for each chosen class: slice_sweep.png (rows are the
     classes), slice_sweep.gif, and slice_sweep[_CLASS].nii.gz stacks that open in an MRI viewer."""
-    import nibabel
     chosen = sampling.settings["classes"]
     names = [classes[c] for c in chosen] if classes else [None]
     labels = torch.tensor(chosen).repeat_interleave(n) if classes else None
     images = same_noise(sampling, labels, torch.linspace(0, 1, n).repeat(len(names)))
     strips = images.view(len(names), n, *images.shape[1:])
     utils.save_png(images, os.path.join(out, "slice_sweep.png"), nrow=n)
-    save_gif([make_grid(strips[:, i], nrow=len(names), padding=2)[:1] for i in range(n)],
+    pictures.save_gif([make_grid(strips[:, i], nrow=len(names), padding=2)[:1] for i in range(n)],
              os.path.join(out, "slice_sweep.gif"), duration=150)
     pixel, step = SWEEP_FIELD_MM / sampling.cfg["IMAGE_SIZE"], SWEEP_HEIGHT_MM / max(1, n - 1)
     for name, strip in zip(names, strips):
-        volume = (utils.to_unit(strip[:, 0]) * 255).round().to(torch.uint8)
-        nibabel.save(nibabel.Nifti1Image(to_ras(volume), torch.diag(torch.tensor([pixel, pixel, step, 1])).numpy()),
-                     os.path.join(out, f"slice_sweep{'_' + name if name else ''}.nii.gz"))
+        pictures.save_stack(strip, os.path.join(out, f"slice_sweep{'_' + name if name else ''}.nii.gz"), pixel, step)
 
 
 def denoise(sampling, images, strength, out):
@@ -320,9 +289,31 @@ def load_heldout(sampling):
     return dataset.load_data(dict(cfg, DATA_DIR=asked if asked != utils.DATA_DIR else cfg["DATA_DIR"]))
 
 
+def edit_slices(sampling, args, out):
+    """--to-label, --anomaly: counterfactuals and effect maps of the given slices or of held-out ones."""
+    edit.check_depth(args.depth)
+    target = None if args.to_label is None else edit.target_class(args.to_label, sampling.classes)
+    if args.to_label is not None and target is None:
+        print(f"notice: --to-label healthy: none of this model's classes ({', '.join(sampling.classes)}) is a control "
+              f"group: no counterfactuals (--to-label NAME picks one)")
+        if not args.anomaly:
+            return
+    data = load_heldout(sampling) if args.input is None else None
+    slices = (edit.given_slices(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else
+              edit.heldout_slices(data, target, edit.EDIT_SLICES))
+    print(f"editing {len(slices.images)} slices" + (f" into {sampling.classes[target]}" if target is not None else "")
+          + (", effect maps" if args.anomaly else "") + f", depth {args.depth:g}, guidance {sampling.settings['GUIDANCE']:g}")
+    figures = edit.run(sampling, slices, target, args.depth, sampling.settings["GUIDANCE"], args.anomaly,
+                       data if args.input is None else None, out)
+    print(f"-> {out}/counterfactual.png, {out}/edits/" + (f", {out}/counterfactual.json" if len(figures) > 3 else ""))
+    print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}" for k, v in figures.items()))
+
+
 def main():
     settings, args = parse_settings()
     sampling, path, step = open_checkpoint(settings, args, utils.get_device())
+    if args.to_label is not None or args.anomaly:
+        return edit_slices(sampling, args, os.path.join(settings["OUTPUT_DIR"], "predict"))
     classes, by_slice = sampling.classes, utils.conditions_of(sampling.cfg)[1]
     cond = utils.spread_conditions(settings["NUM_SAMPLES"], settings["classes"], settings["positions"])
     out = os.path.join(settings["OUTPUT_DIR"], "predict")
@@ -331,7 +322,7 @@ def main():
     samples, frames = generate(sampling, settings["NUM_SAMPLES"], out, *cond)
     seconds = time.perf_counter() - started
     print(f"{len(samples)} samples in {seconds:.1f} s ({len(samples) / seconds:.2f} images/s) -> {out}/grid.png")
-    save_process(frames, out)
+    pictures.save_process(frames, out, PROCESS_COLUMNS, GIF_FRAMES)
     if classes or by_slice:
         conditions_grid(sampling, classes, by_slice, out)
         print(f"samples by condition -> {out}/conditions.png")

@@ -374,9 +374,10 @@ def resume(run, fresh):
 
 def describe(run):
     """One line: the model's size and the batch plan."""
-    length = (f"{run.cfg['TRAIN_MINUTES']:g} minutes of training" if run.cfg["TRAIN_MINUTES"] else
-              f"{run.steps_per_epoch * run.cfg['EPOCHS']:,} steps")
-    print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {run.cfg['IMAGE_SIZE']} px, "
+    cfg = run.cfg
+    length = (f"a {cfg['TRAIN_MINUTES']:g}-minute budget" + (f" (at least {cfg['MIN_STEPS']:,} steps)"
+              if cfg["MIN_STEPS"] else "") if cfg["TRAIN_MINUTES"] else f"{run.steps_per_epoch * cfg['EPOCHS']:,} steps")
+    print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {cfg['IMAGE_SIZE']} px, "
           f"batch {run.batch} x {run.world} process(es), {run.steps_per_epoch:,} steps/epoch, {length}, {run.device}"
           + (", bf16" if run.bf16 else ""))
 
@@ -531,10 +532,11 @@ def validate(run, progress):
     if val < progress.best_val:  # written with the next checkpoint
         progress.best_val = val
         progress.best_ema = {k: v.detach().to("cpu", copy=True) for k, v in run.ema.module.state_dict().items()}
-    skipped, budget = int(progress.bad_total.item()), cfg["TRAIN_MINUTES"]
-    print(f"epoch {epoch}" + ("" if budget else f"/{cfg['EPOCHS']}") + f"  step {progress.step:,}  loss "
+    skipped = int(progress.bad_total.item())
+    minutes = progress.plan.minutes if cfg["TRAIN_MINUTES"] and progress.plan else cfg["TRAIN_MINUTES"]
+    print(f"epoch {epoch}" + ("" if minutes else f"/{cfg['EPOCHS']}") + f"  step {progress.step:,}  loss "
           f"{row['loss']:.4f}  val {val:.4f}  lr {row['lr']:.1e}  {row['img_per_s']:,.0f} img/s  "
-          f"{row['elapsed_s'] / 60:.1f}" + (f"/{budget:g}" if budget else "") + " min"
+          f"{row['elapsed_s'] / 60:.1f}" + (f"/{minutes:.1f}" if minutes else "") + " min"
           + (f"  ({skipped} non-finite steps skipped)" if skipped else ""))
     return now() - started
 
@@ -546,9 +548,11 @@ def end_epoch(run, progress):
     if run.master:
         validate(run, progress)
         if last or epoch % run.cfg["SAMPLE_EVERY"] == 0:
+            started = now()
             sample_grid(run.ema.module, guide_model(run, progress), run.schedule, run.cfg, run.device,
                         run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
             plot_losses(progress.history, run.path("loss.png"))
+            progress.window_start += now() - started  # keep img/s a training figure
     return last
 
 

@@ -11,7 +11,7 @@ command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found: install Pyt
 
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -eq 0 ]; then
-  echo "no GPU found: running the CPU quick profile (64 px, small U-Net, about 10 minutes in all)"
+  echo "no GPU found: running the CPU quick profile (64 px, small U-Net; its plan, below, says how long it takes here)"
   train=("$PYTHON" train.py @configs/cpu_quick.args)  # the preset: 64 px, small U-Net
   predict=("$PYTHON" predict.py)
 elif [ "$gpus" -eq 1 ]; then

@@ -351,6 +351,19 @@ class NoiseSchedule:
                 callback(i, len(ts), x, x0)
         return x
 
+    @torch.no_grad()
+    def invert(self, model, x, end_t, steps, spacing=STEP_SPACING):
+        """DDIM inversion (Song et al. 2021, eq. 12 with eta 0, run from the image up; Dhariwal & Nichol 2021, app. F):
+        the image x, taken as x at step 0, to x_{end_t} along the same deterministic path, the model's x0 never
+        clipped. The steps are sample()'s in reverse, so ddim with them (eta 0, no clipping) from the result returns x
+        up to the discretisation error: each step evaluates the model where it leaves, not where it arrives."""
+        ts = self.sampling_steps(end_t, steps, spacing)[::-1]
+        abar = self.alphas_cumprod.to(x.device).float()
+        for t, t_next in zip(ts, ts[1:]):
+            eps, x0 = self.denoise(model, x, t, clip=False)
+            x, _ = ddim_step(x, x0, eps, abar[t], abar[t_next], None, None)
+        return x
+
 
 # ---------------------------------------------------------------- samplers: one step each, from t to t' < t
 # Each takes x_t, the model's (x0, eps) at t, abar_t and abar_t', a source of fresh N(0, I) noise, and what the
@@ -368,9 +381,10 @@ def ddpm_step(x, x0, eps, abar, abar_next, noise, previous):
 def ddim_step(x, x0, eps, abar, abar_next, noise, previous, eta=0.0):
     """DDIM, Song et al. 2021 eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - s^2) eps + s z, with
     s = eta sqrt((1 - abar_t') / (1 - abar_t) (1 - abar_t / abar_t')) (eq. 16): eta 0 deterministic, 1 like ddpm."""
+    if eta == 0:  # also the step inversion takes, upwards (where the noisy spread has no meaning)
+        return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps, None
     spread = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
-    x = abar_next.sqrt() * x0 + (1 - abar_next - spread ** 2).sqrt() * eps
-    return (x + spread * noise() if eta > 0 else x), None
+    return abar_next.sqrt() * x0 + (1 - abar_next - spread ** 2).sqrt() * eps + spread * noise(), None
 
 
 def _log_snr_step(abar, abar_next):

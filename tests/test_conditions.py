@@ -238,14 +238,14 @@ def test_slice_stacks_open_the_right_way_up():
     """A stack written by predict.py and read back as a scan gives the same slices: RAS on disk, nose up here."""
     import tempfile
 
-    import nibabel
+    import pictures
     slices = torch.zeros(3, 8, 8, dtype=torch.uint8)
     slices[:, 0, :] = 200  # the top row: anterior
     slices[:, :, 0] = 100  # the left column: the patient's right
     slices[2] = 50  # the last slice: the top of the head
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "s.nii.gz")
-        nibabel.save(nibabel.Nifti1Image(predict.to_ras(slices), np.eye(4)), path)
+        pictures.save_stack(slices[:, None].float() / 127.5 - 1, path, 1.0, 1.0)
         vol = volumes.load_ras(path)[0]
     assert (vol[:-1, -1, 0] == 200).all() and (vol[-1, :-1, 0] == 100).all()  # anterior is +y; right is +x
     assert vol[:, :, 2].max() == 50  # superior is +z

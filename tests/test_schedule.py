@@ -39,15 +39,18 @@ def test_q_sample_moments():
     assert xt.var().item() == pytest.approx(1 - abar, rel=1e-2)
 
 
-def oracle(schedule, prediction):
-    """The exact optimal network for data N(MU, SIGMA^2), returning `prediction`."""
+def gaussian_oracle(schedule, prediction, mu=MU, sigma=SIGMA):
+    """The exact optimal network for data N(mu, sigma^2) (per pixel), returning `prediction`."""
     def model(x, t):
         abar = schedule.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        eps = s * (x - a * MU) / (a ** 2 * SIGMA ** 2 + s ** 2)
-        x0 = (x - s * eps) / a
-        return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
+        alpha, noise = abar.sqrt(), (1 - abar).sqrt()
+        eps = noise * (x - alpha * mu) / (alpha ** 2 * sigma ** 2 + noise ** 2)
+        x0 = (x - noise * eps) / alpha
+        return {"eps": eps, "x0": x0, "v": alpha * eps - noise * x0}[prediction]
     return model
+
+
+oracle = gaussian_oracle  # for N(MU, SIGMA^2)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -112,16 +115,6 @@ def test_start_part_way_and_callback():
 MU2, SIGMA2 = 0.2, 0.25  # data well inside [-1, 1], so clipping the x0 prediction only rounds off what is outside
 
 
-def gaussian_oracle(schedule, prediction, mu, sigma):
-    def model(x, t):
-        abar = schedule.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        eps = s * (x - a * mu) / (a ** 2 * sigma ** 2 + s ** 2)
-        x0 = (x - s * eps) / a
-        return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
-    return model
-
-
 def exact_ode_map(schedule, x_t, t, mu, sigma):
     """Where the probability-flow ODE takes x_t for Gaussian data: the same quantile of N(mu, sigma^2)."""
     abar = schedule.alphas_cumprod[t].item()
@@ -166,3 +159,25 @@ def test_noise_to_signal_are_each_steps_noise_to_signal_ratio(schedule):
     levels = noise_to_signal(schedule, 200)
     torch.testing.assert_close(unscaled - x0, levels[t].view(-1, 1, 1, 1) * noise, rtol=1e-3, atol=1e-4)
     assert torch.all(levels[1:] > levels[:-1])  # rising: searchsorted may look a sigma up in it
+
+
+# ---------------------------------------------------------------- DDIM inversion: the image to its noise and back
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_inversion_follows_the_exact_ode_and_ddim_brings_the_image_back(prediction):
+    """With the exact denoiser of Gaussian data the inverted image lands where the probability-flow ODE takes it (the
+    same quantile of x_t's law), and ddim back with the same steps returns the image, the error shrinking with the
+    steps (first order): what is left at 200 steps is the discretisation error."""
+    s, end = NoiseSchedule(1000, "cosine", prediction), 600
+    model = gaussian_oracle(s, prediction, MU2, SIGMA2)
+    x = MU2 + SIGMA2 * torch.randn(20_000, generator=torch.Generator().manual_seed(5))
+    abar = s.alphas_cumprod[end].item()
+    on_the_ode = abar ** 0.5 * MU2 + (abar * SIGMA2 ** 2 + 1 - abar) ** 0.5 * (x - MU2) / SIGMA2
+    errors, misses = [], []
+    for steps in (10, 50, 200):
+        latent = s.invert(model, x, end, steps)
+        back = s.sample(model, sampler="ddim", steps=steps, x=latent.clone(), start_t=end, clip=False)
+        errors.append((back - x).abs().mean().item())
+        misses.append((latent - on_the_ode).abs().mean().item())
+    spread = (on_the_ode - on_the_ode.mean()).abs().mean().item()  # 0.65
+    assert errors[0] > 3 * errors[1] > 9 * errors[2] and errors[2] < 3e-3, errors  # about first order in the steps
+    assert misses[0] > 3 * misses[1] > 9 * misses[2] and misses[2] < 0.01 * spread, misses

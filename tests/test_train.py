@@ -346,6 +346,16 @@ def test_a_step_floor_lengthens_the_budget_and_says_so(tiny_data, tmp_path, monk
     assert state["step"] == 40 and state["elapsed_s"] == 43.15625
 
 
+def test_images_per_second_leave_validation_and_grids_out(tiny_data, tmp_path, monkeypatch):
+    """A grid every epoch (2.8 s each) does not make the logged speed, or the clock's safety net, think training
+    slowed: every row says 8 images/s (8 a step, 1 s a step), and the run ends as planned."""
+    FakeClock(monkeypatch)
+    state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
+                             "--train-minutes", "0.5", "--sample-every", "1")
+    rates = {float(r["img_per_s"]) for r in csv.DictReader(open(tmp_path / "log.csv"))}
+    assert rates == {8.0} and state["step"] == state["plan"]["steps"]
+
+
 def test_a_machine_that_slows_down_still_ends_inside_the_budget(tiny_data, tmp_path, monkeypatch, capsys):
     """Steps cost 2 s once the plan (26 steps at 1 s) is made: the clock stops the run at the first log point where
     the next window (4 s) and the end (2.84 s) no longer fit: step 14, at 27.97 s."""

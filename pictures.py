@@ -1,0 +1,100 @@
+"""The figures predict.py writes: the denoising process, animations, grids with named rows and columns, and slice
+stacks that open in an MRI viewer."""
+import os
+
+import torch
+from torchvision.utils import make_grid
+
+import utils
+
+
+def save_process(states, out, columns=10, frames=40):
+    """process.png: rows are samples, `columns` evenly spaced steps from noise to image; process.gif, `frames` of them."""
+    cols = [states[round(i * (len(states) - 1) / (columns - 1))] for i in range(columns)]
+    rows = torch.stack(cols, dim=1).flatten(0, 1)  # sample-major: each row is one sample's process
+    utils.save_png(rows, os.path.join(out, "process.png"), nrow=columns)
+    picks = [states[round(i * (len(states) - 1) / (frames - 1))] for i in range(frames)]
+    save_gif([make_grid(x, nrow=len(x), padding=2)[:1] for x in picks] + [make_grid(picks[-1], nrow=len(picks[-1]),
+                                                                                   padding=2)[:1]] * 10,
+             os.path.join(out, "process.gif"))
+
+
+def save_gif(frames, path, duration=80):
+    """[-1, 1] images (1 x H x W) as a looping GIF."""
+    from PIL import Image
+    gif = [Image.fromarray((utils.to_unit(f[0]) * 255).byte().numpy()) for f in frames]
+    gif[0].save(path, save_all=True, append_images=gif[1:], duration=duration, loop=0)
+
+
+def save_labelled_grid(images, row_names, column_names, path, title):
+    """A grid of [-1, 1] images (rows x columns, row-major) with its rows and columns named."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, cols = len(row_names), len(column_names)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.8, 1.3 * rows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.imshow(utils.to_unit(images[i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i % cols == 0:
+            ax.set_ylabel(row_names[i // cols])
+        if i >= (rows - 1) * cols:
+            ax.set_xlabel(column_names[i % cols])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_ras(slices):
+    """Axial slices as displayed here (N x S x S: anterior up, the patient's right on the left) as an
+    S x S x N array whose axes run to the right, anterior and superior (RAS+, what NIfTI viewers expect)."""
+    return slices.flip(1, 2).permute(2, 1, 0).numpy()
+
+
+def save_stack(slices, path, pixel_mm, step_mm):
+    """[-1, 1] axial slices (N x 1 x S x S, bottom to top, as shown here) as a uint8 NIfTI stack with these voxel
+    sizes, oriented for MRI viewers."""
+    import nibabel
+    volume = (utils.to_unit(slices[:, 0]) * 255).round().to(torch.uint8)
+    nibabel.save(nibabel.Nifti1Image(to_ras(volume), torch.diag(torch.tensor([pixel_mm, pixel_mm, step_mm, 1])).numpy()),
+                 path)
+
+
+def save_edits(columns, names, path, title, rows=8):
+    """counterfactual.png: a row a slice (up to `rows`, evenly picked), a column each of `columns` ({name: [-1, 1]
+    images}): 'difference' (signed, counterfactual - input) as a diverging colour overlay on the input and 'effect
+    map' as a heat map, each with its colour bar; the rest in grey."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    picked = torch.linspace(0, len(names) - 1, min(rows, len(names))).round().long().tolist()
+    keys = list(columns)
+    fig, axes = plt.subplots(len(picked), len(keys), figsize=(1.4 * len(keys) + 1.0, 1.4 * len(picked) + 0.5),
+                             squeeze=False, layout="constrained")
+    limit = {k: max(columns[k].abs().max().item(), 1e-3) for k in ("difference", "effect map") if k in columns}
+    shown = {}
+    for r, i in enumerate(picked):
+        for c, key in enumerate(keys):
+            ax, image = axes[r, c], columns[key][i, 0]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if key == "difference":
+                ax.imshow(utils.to_unit(columns["input"][i, 0]), cmap="gray", vmin=0, vmax=1)
+                strength = (image.abs() / limit[key]).clamp(0, 1).sqrt().numpy()
+                shown[c] = ax.imshow(image, cmap="RdBu_r", vmin=-limit[key], vmax=limit[key], alpha=strength)
+            elif key == "effect map":
+                shown[c] = ax.imshow(image, cmap="magma", vmin=0, vmax=limit[key])
+            else:
+                ax.imshow(utils.to_unit(image), cmap="gray", vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(key, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(os.path.basename(str(names[i]))[:14], fontsize=7)
+    for c, image in shown.items():
+        bar = fig.colorbar(image, ax=list(axes[:, c]), shrink=0.5, aspect=30)
+        bar.ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

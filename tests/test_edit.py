@@ -1,0 +1,176 @@
+"""Asking about a brain you hold: DDIM inversion and back, counterfactuals that change the class and keep the shape,
+effect maps, the scores against known answers, the labelled demo's truth, and bad input (CPU, tiny models)."""
+import json
+import os
+
+import nibabel
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, run_script
+
+import dataset
+import demo
+import edit
+import evaluate
+import predict
+
+
+@pytest.fixture(scope="module")
+def toy_run(disks_data, tmp_path_factory):
+    """A tiny class-conditional model that has learned the disks' classes: white 'AD', grey 'NC' (225 steps)."""
+    out = str(tmp_path_factory.mktemp("toy"))
+    r = run_script("train.py", "--data-dir", disks_data, "--output-dir", out, "--epochs", "25", "--condition", "class",
+                   *TINY, "--image-size", "16", "--attn-resolutions", "8", "--lr", "3e-3", "--timesteps", "50",
+                   "--sample-every", "1000")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def toy_sampling(run, steps=20):
+    model, schedule, cfg, classes, _, _ = predict.load_model(os.path.join(run, "checkpoint.pt"), True,
+                                                             torch.device("cpu"))
+    settings = dict(SEED=0, SAMPLER="dpm++sde", SAMPLE_STEPS=steps, DDIM_ETA=0.0, STEP_SPACING=2.0, GUIDANCE=2.0,
+                    AUTOGUIDANCE=1.0, SAMPLE_BATCH=8)
+    return predict.Sampling(model, schedule, cfg, settings, torch.device("cpu"), classes=classes)
+
+
+def ad_disks(run):
+    data = dataset.load_data(dict(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["config"]))
+    return data, edit.heldout_slices(data, target=1, count=12)  # the held-out 'AD' disks, to be made 'NC'
+
+
+def test_decoding_under_the_source_returns_the_input(toy_run):
+    """The null intervention (inverted and decoded under its own class, unguided) gives the slice back up to the
+    discretisation error, and more exactly with more steps."""
+    _, slices = ad_disks(toy_run)
+    errors = []
+    for steps in (5, 20):
+        _, null = edit.counterfactual(toy_sampling(toy_run, steps), slices.images, slices.labels, None,
+                                      torch.ones(len(slices.images), dtype=torch.long), 0.6, 2.0)
+        errors.append((null - slices.images).abs().mean().item())
+    assert errors[1] < errors[0] and errors[1] < 0.03, errors
+
+
+def test_a_counterfactual_takes_the_other_class_look_and_keeps_the_shape(toy_run):
+    """White 'AD' disks asked to be 'NC' turn most of the way to its grey (-0.06), more so with more guidance; their
+    size and place stay."""
+    _, slices = ad_disks(toy_run)
+    disk, brightness = slices.images > 0, []
+    for guidance in (1.0, 3.0):
+        cf, _ = edit.counterfactual(toy_sampling(toy_run), slices.images, slices.labels, None,
+                                    torch.ones(len(slices.images), dtype=torch.long), 0.6, guidance)
+        brightness.append(cf[disk].mean().item())
+    assert brightness[1] < brightness[0] < 1.0 and brightness[1] < (1.0 - 0.06) / 2, brightness
+    kept = cf > (cf[disk].mean() + cf[~disk].mean()) / 2  # the disk, as bright as the counterfactual draws it
+    assert (kept & disk).sum() / (kept | disk).sum() > 0.85
+
+
+def test_predict_writes_counterfactuals_and_their_figures(toy_run, tmp_path):
+    r = run_script("predict.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--anomaly",
+                   "--sample-steps", "5")
+    assert r.returncode == 0, r.stderr
+    out = os.path.join(toy_run, "predict")
+    figures = json.load(open(os.path.join(out, "counterfactual.json")))
+    assert figures["slices"] == 12 and 0 <= figures["effectiveness"] <= 1 and figures["round_trip_change"] > 0
+    assert os.path.getsize(os.path.join(out, "counterfactual.png")) > 0
+    assert len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith("_to_NC.png")]) == 12
+    assert len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith("_effect.png")]) == 12
+
+
+def test_a_scan_in_gives_a_stack_out(toy_run, tmp_path):
+    """--input a scan: its kept slices are edited and written back as a stack that opens in an MRI viewer."""
+    volume = np.zeros((16, 16, 10), np.int16)
+    yy, xx = np.mgrid[:16, :16]
+    for z in range(2, 8):
+        volume[:, :, z] = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2 < 20) * (800 + 40 * xx)  # a disk with some contrast
+    scan = str(tmp_path / "head.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), scan)
+    r = run_script("predict.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--input", scan,
+                   "--sample-steps", "5")
+    assert r.returncode == 0, r.stderr
+    stack = nibabel.load(os.path.join(toy_run, "predict", "counterfactual.nii.gz"))
+    assert stack.shape == (16, 16, 6)
+
+
+# ---------------------------------------------------------------- the scores, on known answers
+def test_pixel_auc_of_perfect_random_and_inverted_maps():
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, 1, 16, 16, generator=gen) < 0.2
+    region = torch.ones_like(masks)
+    perfect = evaluate.map_scores("m", masks.float(), masks, region)
+    assert perfect == {"m_map_auroc": 1.0, "m_map_auprc": 1.0}
+    noise = evaluate.map_scores("m", torch.rand(masks.shape, generator=gen), masks, region)
+    assert abs(noise["m_map_auroc"] - 0.5) < 0.06 and abs(noise["m_map_auprc"] - masks.float().mean()) < 0.06
+    assert evaluate.map_scores("m", 1 - masks.float(), masks, region)["m_map_auroc"] == 0.0
+
+
+def test_truth_scores_of_known_edits():
+    """A counterfactual that is the twin inside the mask and the input outside it: 0 from the twin, no change
+    outside; the input's distance to the twin beside it."""
+    x, twin = torch.full((2, 1, 8, 8), 0.5), torch.full((2, 1, 8, 8), 0.5)
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[:, :, 2:4, 2:4] = True
+    twin[mask] = -0.5  # the atrophy made these brighter by 1
+    cf = torch.where(mask, twin, x)
+    scores = evaluate.truth_scores(x, cf, x + 0.1, twin, mask, torch.ones_like(mask))
+    assert scores["cf_to_twin_in_mask"] == 0 and scores["input_to_twin_in_mask"] == pytest.approx(1.0)
+    assert scores["cf_change_outside_mask"] == 0 and scores["null_change_outside_mask"] == pytest.approx(0.1)
+    assert scores["mask_share_of_brain"] == pytest.approx(8 / 128)
+
+
+# ---------------------------------------------------------------- the labelled demo's truth
+def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(tmp_path):
+    """Each held-out 'AD' slice has a healthy twin: the same slice wherever the atrophy did not reach, with smaller
+    ventricles and narrower sulci (less dark tissue) where it did; 'NC' and training slices have none."""
+    demo.build_labelled_demo(str(tmp_path), subjects=(1, 2), slices=6, size=64)
+    data = dataset.load_data(dict(dataset.utils.constants(), DATA_DIR=str(tmp_path / "AD_NC"), IMAGE_SIZE=64,
+                                  CONDITION="class"))
+    index, twins, masks = dataset.read_truth(data)
+    assert len(index) == 12 and (data.val_labels[index] == 0).all()  # the two held-out AD subjects
+    ad = data.val[index].int()
+    assert (ad - twins.int())[~masks].abs().max() <= demo.TRUTH_LEVEL and masks.any()
+    brain = ad > 20
+    dark = lambda images: ((images < 90) & brain).sum()  # noqa: E731  CSF-like pixels in the brain
+    assert dark(ad) > 1.3 * dark(twins.int())
+    assert sorted(os.listdir(tmp_path / "truth" / "healthy")) == sorted(os.listdir(tmp_path / "truth" / "mask"))
+
+
+def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
+    (tmp_path / "DONE").write_text("MNI ICBM152 labelled demo (simulated atrophy): ...\n")  # before the truth
+    assert not demo.is_built(str(tmp_path), labelled=True) and demo.is_built(str(tmp_path), labelled=False)
+    (tmp_path / "DONE").write_text(demo.LABELLED_VERSION + "\n")
+    assert demo.is_built(str(tmp_path), labelled=True)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing half-written
+@pytest.mark.parametrize("flags, expected", [
+    (("--to-label", "MCI"), "--to-label MCI is not one of this model's classes: AD, NC"),
+    (("--to-label", "NC", "--depth", "0"), "--depth must be in (0, 1]"),
+    (("--to-label", "NC", "--depth", "1.5"), "--depth must be in (0, 1]")])
+def test_bad_edits_get_one_line(toy_run, flags, expected):
+    r = run_script("predict.py", "--output-dir", toy_run, "--compile", "false", *flags)
+    assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_edits_need_a_class_model_and_readable_input(tiny_run, toy_run, tmp_path):
+    r = run_script("predict.py", "--output-dir", tiny_run, "--compile", "false", "--to-label", "NC")
+    assert r.returncode == 2 and "not trained with class conditioning" in r.stderr
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not a scan")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for given in (broken, empty):
+        r = run_script("predict.py", "--output-dir", str(tmp_path / "out"), "--checkpoint",
+                       os.path.join(toy_run, "checkpoint.pt"), "--compile", "false", "--to-label", "NC",
+                       "--input", str(given))
+        assert r.returncode == 2 and str(given) in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not os.path.exists(tmp_path / "out" / "predict" / "counterfactual.png")
+
+
+def test_healthy_names_the_control_class_whatever_it_is_called():
+    assert edit.target_class("healthy", ["AD", "CN", "MCI"]) == 1
+    assert edit.target_class("healthy", ["tumour", "normal"]) == 1
+    assert edit.target_class("healthy", ["cat", "dog"]) is None  # predict.py says so and edits nothing
+    assert edit.target_class("0", ["AD", "NC"]) == 0
