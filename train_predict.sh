@@ -23,26 +23,32 @@ else
   predict=("$PYTHON" predict.py)
 fi
 
-# flags meant for both scripts (where the data and outputs live) also go to predict.py
-shared=()
+# flags meant for both scripts (where the data and outputs live, the seed) also go to predict.py
+where=()
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
-    --output-dir|--data-dir|--seed) shared+=("${args[i]}" "${args[i + 1]:-}") ;;
-    --output-dir=*|--data-dir=*|--seed=*) shared+=("${args[i]}") ;;
+    --output-dir|--data-dir|--seed) where+=("${args[i]}" "${args[i + 1]:-}") ;;
+    --output-dir=*|--data-dir=*|--seed=*) where+=("${args[i]}") ;;
   esac
 done
 
-# a conditional model also gets conditions.png, a slice sweep and the train-on-synthetic test (figures in metrics.json)
+# a conditional model also gets conditions.png, a slice sweep and the train-on-synthetic test (figures in metrics.json);
+# a class-conditional one also counterfactuals of held-out slices into the control class, with effect maps
 read -r condition out < <("$PYTHON" -c "import sys, utils; a = utils.build_parser('').parse_known_args(sys.argv[1:])[0]
 print(a.CONDITION, a.OUTPUT_DIR)" "$@")
-extras=""
-case "$condition" in *slice*) shared+=(--slice-sweep 16); extras=", slice_sweep.png/.gif/.nii.gz" ;; esac
-case "$condition" in *class*) shared+=(--tstr 256) ;; esac
+generate=("${where[@]}") extras=""
+case "$condition" in *slice*) generate+=(--slice-sweep 16); extras=", slice_sweep.png/.gif/.nii.gz" ;; esac
+case "$condition" in *class*) generate+=(--tstr 256) ;; esac
 [ "$condition" = none ] || extras=", conditions.png$extras"
 
 "${train[@]}" "$@" || { code=$?; echo "error: training (train.py) failed with exit code $code" >&2; exit "$code"; }
-"${predict[@]}" "${shared[@]}" || { code=$?; echo "error: generation (predict.py) failed with exit code $code" >&2; exit "$code"; }
+"${predict[@]}" "${generate[@]}" || { code=$?; echo "error: generation (predict.py) failed with exit code $code" >&2; exit "$code"; }
+case "$condition" in *class*)
+  "${predict[@]}" "${where[@]}" --to-label healthy --anomaly || {
+    code=$?; echo "error: counterfactuals (predict.py --to-label healthy) failed with exit code $code" >&2; exit "$code"; }
+  extras="$extras, counterfactual.png/.json" ;;
+esac
 
 echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json$extras);"
 echo "      training grids in $out/samples/, loss curve in $out/loss.png"
