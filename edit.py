@@ -5,6 +5,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
@@ -21,6 +22,8 @@ ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions 
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
 SCAN_SLICE_MM = 1.0  # counterfactual.nii.gz from a scan: nominal millimetres per pixel and per slice
+RESAMPLE = 10  # inpainting (--resample): passes over each stretch of steps (RePaint's r; 1: no resampling)
+JUMP = 5  # inpainting (--jump): sampler steps noised back up at a time (RePaint's j)
 
 
 @dataclass
@@ -199,3 +202,139 @@ def round_trips(sampling, slices, positions, cf, null, target, depth, guidance, 
                                  data.val_labels[staying])
     return {"round_trip_change": (back - x).abs().mean().item(), "null_change": (null - x).abs().mean().item(),
             "stay_change": (kept - own).abs().mean().item(), "stay_null_change": (kept_null - own).abs().mean().item()}
+
+
+# ---------------------------------------------------------------- inpainting (RePaint)
+def parse_box(spec):
+    """(x0, y0, x1, y1) from box:X0,Y0,X1,Y1, fractions of the image's width and height."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in spec[4:].split(","))
+    except ValueError:
+        x0 = y0 = x1 = y1 = -1.0
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise InputError(f"--mask {spec}: give box:X0,Y0,X1,Y1, fractions of the image with X0 < X1 and Y0 < Y1")
+    return x0, y0, x1, y1
+
+
+def read_mask(path, size, said):
+    """One mask file as bool 1 x S x S (white: fill); resized and thresholded at half, with a notice once each."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            mask = image.convert("L")
+    except (OSError, UnidentifiedImageError):
+        raise InputError(f"{utils.show_path(path)} is not a mask image PIL can read: pass a black-and-white image") \
+            from None
+    if mask.size != (size, size):
+        said.add(f"notice: masks resized to the model's {size}x{size} (the first was {mask.size[0]}x{mask.size[1]})")
+        mask = mask.resize((size, size), Image.NEAREST)
+    values = torch.from_numpy(np.asarray(mask).copy())
+    if not torch.isin(values, torch.tensor([0, 255], dtype=values.dtype)).all():
+        said.add("notice: masks that are not black and white are thresholded at half grey")
+    return (values >= 128)[None]
+
+
+def read_masks(spec, names, size):
+    """--mask: a box (box:X0,Y0,X1,Y1), one mask image for all the slices, or a folder of masks paired with the
+    slices by file name; white is filled. Returns bool N x 1 x S x S."""
+    said = set()
+    if spec.startswith("box:"):
+        x0, y0, x1, y1 = parse_box(spec)
+        mask = torch.zeros(1, size, size, dtype=torch.bool)
+        mask[:, round(y0 * size):max(round(y1 * size), round(y0 * size) + 1),
+             round(x0 * size):max(round(x1 * size), round(x0 * size) + 1)] = True
+        masks = mask.expand(len(names), -1, -1, -1)
+    elif os.path.isfile(spec):
+        masks = read_mask(spec, size, said).expand(len(names), -1, -1, -1)
+    elif os.path.isdir(spec):
+        found = {stem(p): p for p in dataset.list_images(spec)}
+        if missing := [n for n in names if n not in found]:
+            raise InputError(f"no mask for {missing[0]} in {utils.show_path(spec)} (masks pair with slices by file "
+                             f"name): add one, or give one mask file for all")
+        if unused := sorted(set(found) - set(names)):
+            raise InputError(f"the mask {utils.show_path(found[unused[0]])} has no slice of its name in --input")
+        masks = torch.stack([read_mask(found[n], size, said) for n in names])
+    else:
+        raise InputError(f"--mask {spec} is neither box:X0,Y0,X1,Y1 nor a mask image or folder")
+    for line in sorted(said):
+        print(line)
+    return masks.clone()
+
+
+def inpaint(sampling, x, fill, labels, positions, resample, jump):
+    """RePaint with the run's sampler, guidance and autoguidance: x ([-1, 1]) with the `fill` pixels drawn anew."""
+    s, device = sampling.settings, sampling.device
+    gen = torch.Generator(device=device).manual_seed(s["SEED"])
+    return sampling.schedule.inpaint(sampling.denoiser(labels, positions), x.to(device), fill.to(device),
+                                     s["SAMPLER"], s["SAMPLE_STEPS"], resample, jump, s["DDIM_ETA"], gen,
+                                     spacing=s["STEP_SPACING"]).cpu()
+
+
+def fill_slices(sampling, slices, masks, labels, resample, jump, out):
+    """Inpaint each slice where its mask is white; files, and inpaint.png (input with the mask outlined, the result).
+    Slices with an empty mask come back as they are, said once. Returns the results."""
+    empty = ~masks.flatten(1).any(1)
+    if empty.any():
+        print(f"notice: {int(empty.sum())} of the masks are empty: those slices come back unchanged")
+    positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
+    results = in_batches(lambda *b: inpaint(sampling, *b, resample, jump), sampling.settings["SAMPLE_BATCH"],
+                         slices.images, masks, labels, positions)
+    results[empty] = slices.images[empty]
+    os.makedirs(os.path.join(out, "inpaint"), exist_ok=True)
+    for name, image in zip(slices.names, results):
+        utils.save_png(image, os.path.join(out, "inpaint", f"{name}_filled.png"))
+    pictures.save_edits({"input, mask outlined": slices.images, "filled": results}, slices.names, os.path.join(out, "inpaint.png"),
+                        f"inpainting (RePaint, {resample} passes, jumps of {jump})", outlines=masks)
+    return results
+
+
+def random_boxes(images, seed, share=(0.10, 0.25), tries=100):
+    """A box per [-1, 1] slice covering a random share (in `share`) of its brain (the pixels above -0.9), centred on
+    a brain pixel, of a random aspect from 3:4 to 4:3."""
+    gen, size = torch.Generator().manual_seed(seed), images.shape[-1]
+    masks = torch.zeros(images.shape, dtype=torch.bool)
+    for mask, brain in zip(masks, images > -0.9):
+        cells = torch.nonzero(brain[0])
+        for _ in range(tries):
+            target = share[0] + (share[1] - share[0]) * torch.rand((), generator=gen).item()
+            aspect = 0.75 + (4 / 3 - 0.75) * torch.rand((), generator=gen).item()
+            cy, cx = cells[torch.randint(len(cells), (), generator=gen)].tolist()
+            h = max(1, round((target * len(cells) * aspect) ** 0.5))
+            w = max(1, round(target * len(cells) / h))
+            box = torch.zeros(size, size, dtype=torch.bool)
+            box[max(0, cy - h // 2):cy - h // 2 + h, max(0, cx - w // 2):cx - w // 2 + w] = True
+            if share[0] <= (box & brain[0]).sum() / len(cells) <= share[1]:
+                mask[0] = box
+                break
+    return masks
+
+
+def inpaint_eval(sampling, data, resample, jump, out):
+    """--inpaint-eval: held-out slices filled in random boxes over 10-25% of their brain, against what was there; and
+    on the labelled demo, the 'AD' slices' atrophy filled with the control class, against their healthy twins.
+    Inside the masks: RePaint as asked, beside RePaint without resampling, scikit-image's biharmonic fill and the mean
+    training slice of the same height; and the seams. inpaint.json and inpaint.png (the boxes). Returns the figures."""
+    healthy = target_class("healthy", sampling.classes) if sampling.classes else None
+    batch, by_slice = sampling.settings["SAMPLE_BATCH"], utils.conditions_of(sampling.cfg)[1]
+    boxes = heldout_slices(data, None, EDIT_SLICES)
+    cases = {"boxes": (boxes, random_boxes(boxes.images, sampling.settings["SEED"]), boxes.images, boxes.labels)}
+    if healthy is not None and (atrophy := heldout_slices(data, healthy, EDIT_SLICES)).twins is not None:
+        cases["atrophy"] = (atrophy, atrophy.masks, atrophy.twins, torch.full((len(atrophy.images),), healthy))
+    figures = {"resample": resample, "jump": jump}
+    for case, (slices, masks, truth, labels) in cases.items():
+        labels, positions = labels if sampling.classes else None, slices.positions if by_slice else None
+        fill = lambda r, j: in_batches(lambda *b: inpaint(sampling, *b, r, j), batch, slices.images,  # noqa: E731
+                                       masks, labels, positions)
+        mean = evaluate.mean_by_height(data, None if labels is None else int(labels[0]), slices.positions)
+        fills = {"repaint": fill(resample, jump), "no_resampling": fill(1, 1),
+                 "biharmonic": evaluate.biharmonic_fill(slices.images, masks),
+                 "height_mean": torch.where(masks, mean, slices.images)}
+        figures[case] = {"slices": len(masks), "mask_share": masks.float().mean().item(),
+                         **{name: evaluate.fill_scores(f, truth, masks) for name, f in fills.items()}}
+        if case == "boxes":
+            pictures.save_edits({"input, mask outlined": slices.images, "filled": fills["repaint"], "original": truth},
+                                slices.names, os.path.join(out, "inpaint.png"),
+                                f"inpainting (RePaint, {resample} passes, jumps of {jump})", outlines=masks)
+    with open(os.path.join(out, "inpaint.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    return figures

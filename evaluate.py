@@ -5,6 +5,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -251,9 +252,48 @@ def map_scores(name, maps, masks, region):
 
 
 def mean_by_height(data, label, positions, width=0.05):
-    """For each position, the mean training slice of class `label` within `width` of that height, in [-1, 1]: what a
-    healthy slice there looks like on average (the reference an effect map is compared with)."""
-    pool = data.train[data.train_labels == label].float() / 127.5 - 1
-    heights = data.train_positions[data.train_labels == label]
+    """For each position, the mean training slice of class `label` (None: of all) within `width` of that height, in
+    [-1, 1]: what a slice there looks like on average (a reference for effect maps, and a classical fill)."""
+    of_class = torch.ones(len(data.train), dtype=torch.bool) if label is None else data.train_labels == label
+    pool = data.train[of_class].float() / 127.5 - 1
+    heights = data.train_positions[of_class]
     return torch.stack([pool[(heights - p).abs() <= width].mean(0) if ((heights - p).abs() <= width).any()
                         else pool.mean(0) for p in positions.tolist()])
+
+
+# ---------------------------------------------------------------- inpainting
+def biharmonic_fill(images, masks):
+    """The classical fill: scikit-image's biharmonic inpainting of each [-1, 1] image where its mask is true."""
+    from skimage.restoration import inpaint_biharmonic
+    filled = [inpaint_biharmonic(x[0].numpy(), m[0].numpy()) if m.any() else x[0].numpy()
+              for x, m in zip(images.float(), masks)]
+    return torch.from_numpy(np.stack(filled))[:, None].float()
+
+
+def border(masks):
+    """The pixels on either side of each mask's edge (a 1-pixel ring out, a 1-pixel ring in)."""
+    grown = F.max_pool2d(masks.float(), 3, 1, 1) > 0
+    shrunk = -F.max_pool2d(-masks.float(), 3, 1, 1) > 0
+    return grown & ~shrunk
+
+
+def gradient(images):
+    """The gradient's magnitude at each pixel (central differences, edges replicated)."""
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    gx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
+    gy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
+    return (gx ** 2 + gy ** 2).sqrt()
+
+
+def fill_scores(filled, truth, masks):
+    """A fill against the truth inside the masks, on a [0, 1] scale: MAE, PSNR and SSIM (torchmetrics' SSIM map,
+    averaged inside); and the seam: the mean gradient across the masks' borders (the truth's beside it is the
+    reference: a seamless fill changes it little)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+    a, b = utils.to_unit(filled), utils.to_unit(truth)
+    error = (a - b)[masks]
+    _, ssim_map = ssim(a, b, data_range=1.0, kernel_size=SSIM_KERNEL, return_full_image=True)
+    ring = border(masks)
+    return {"mae": error.abs().mean().item(), "psnr": (10 * torch.log10(1 / error.square().mean())).item(),
+            "ssim": ssim_map[masks].mean().item(), "seam_gradient": gradient(a)[ring].mean().item(),
+            "seam_gradient_truth": gradient(b)[ring].mean().item()}

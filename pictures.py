@@ -62,10 +62,10 @@ def save_stack(slices, path, pixel_mm, step_mm):
                  path)
 
 
-def save_edits(columns, names, path, title, rows=8):
+def save_edits(columns, names, path, title, rows=8, outlines=None):
     """counterfactual.png: a row a slice (up to `rows`, evenly picked), a column each of `columns` ({name: [-1, 1]
     images}): 'difference' (signed, counterfactual - input) as a diverging colour overlay on the input and 'effect
-    map' as a heat map, each with its colour bar; the rest in grey."""
+    map' as a heat map, each with its colour bar; the rest in grey; `outlines` (bool masks) drawn on the first column."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -88,6 +88,8 @@ def save_edits(columns, names, path, title, rows=8):
                 shown[c] = ax.imshow(image, cmap="magma", vmin=0, vmax=limit[key])
             else:
                 ax.imshow(utils.to_unit(image), cmap="gray", vmin=0, vmax=1)
+            if c == 0 and outlines is not None and outlines[i].any():
+                ax.contour(outlines[i, 0].float().numpy(), levels=[0.5], colors="red", linewidths=0.8)
             if r == 0:
                 ax.set_title(key, fontsize=8)
             if c == 0:

@@ -7,6 +7,7 @@
     python predict.py --slice-sweep 16 --tstr 512         # one noise through 16 heights; train-on-synthetic test
     python predict.py --to-label NC --input my_slices/    # counterfactuals: your slices (or scan) as NC
     python predict.py --anomaly --to-label NC             # held-out slices: counterfactuals and effect maps
+    python predict.py --input my_slices/ --mask box:0.3,0.3,0.6,0.6   # inpainting (RePaint) of a box in each
 """
 import json
 import os
@@ -77,6 +78,13 @@ def parse_settings():
                         "reconstructed (toward --to-label's class, if given); where they differ")
     parser.add_argument("--depth", type=float, default=edit.DEPTH, help="--to-label, --anomaly: how far into the "
                         "diffusion the slices are taken, a share of its steps in (0, 1]")
+    parser.add_argument("--mask", help="instead, inpainting of --input where the mask is white: box:X0,Y0,X1,Y1 "
+                        "(fractions of the image), one mask image, or a folder of masks named like the slices")
+    parser.add_argument("--resample", type=int, default=edit.RESAMPLE, help="inpainting: RePaint's passes over each "
+                        "stretch of steps (1: none)")
+    parser.add_argument("--jump", type=int, default=edit.JUMP, help="inpainting: steps noised back up at a time")
+    parser.add_argument("--inpaint-eval", action="store_true", help="instead, measure inpainting on held-out slices "
+                        "(random boxes; the labelled demo's atrophy) beside simpler fills: inpaint.json")
     return utils.parse_settings(parser)
 
 
@@ -309,11 +317,34 @@ def edit_slices(sampling, args, out):
     print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}" for k, v in figures.items()))
 
 
+def fill_slices(sampling, args, out):
+    """--mask: inpaint the given slices; --inpaint-eval: measure inpainting on held-out slices."""
+    if args.resample < 1 or args.jump < 1:
+        raise InputError(f"--resample and --jump must be 1 or more, got {args.resample} and {args.jump}")
+    if args.inpaint_eval:
+        figures = edit.inpaint_eval(sampling, load_heldout(sampling), args.resample, args.jump, out)
+        print(f"-> {out}/inpaint.json, {out}/inpaint.png")
+        print(json.dumps(figures, indent=1))
+        return
+    if args.input is None:
+        raise InputError("--mask needs the slices to fill: pass --input IMAGE_OR_FOLDER (or a scan)")
+    size, settings = sampling.cfg["IMAGE_SIZE"], sampling.settings
+    slices = edit.given_slices(args.input, size)
+    masks = edit.read_masks(args.mask, slices.names, size)
+    if args.slice_position is not None:
+        slices.positions = torch.full((len(masks),), settings["positions"][0])
+    labels = torch.full((len(masks),), settings["classes"][0]) if args.label not in (None, "all") else None
+    edit.fill_slices(sampling, slices, masks, labels, args.resample, args.jump, out)
+    print(f"filled {len(masks)} slices -> {out}/inpaint.png, {out}/inpaint/")
+
+
 def main():
     settings, args = parse_settings()
     sampling, path, step = open_checkpoint(settings, args, utils.get_device())
     if args.to_label is not None or args.anomaly:
         return edit_slices(sampling, args, os.path.join(settings["OUTPUT_DIR"], "predict"))
+    if args.mask is not None or args.inpaint_eval:
+        return fill_slices(sampling, args, os.path.join(settings["OUTPUT_DIR"], "predict"))
     classes, by_slice = sampling.classes, utils.conditions_of(sampling.cfg)[1]
     cond = utils.spread_conditions(settings["NUM_SAMPLES"], settings["classes"], settings["positions"])
     out = os.path.join(settings["OUTPUT_DIR"], "predict")

@@ -352,6 +352,32 @@ class NoiseSchedule:
         return x
 
     @torch.no_grad()
+    def inpaint(self, model, known, fill, sampler=SAMPLER, steps=SAMPLE_STEPS, resample=1, jump=1, eta=DDIM_ETA,
+                generator=None, clip=True, spacing=STEP_SPACING):
+        """RePaint (Lugmayr et al. 2022, Alg. 1) with this schedule and one of SAMPLERS: from noise at T-1, every step
+        keeps the sampler's draw where `fill` is true and the known image noised to the same step elsewhere; every
+        `jump` steps the sample is noised back up `jump` steps (q(x_t' | x_t): scale sqrt(abar_t' / abar_t)) and
+        denoised again, `resample` passes over each stretch in all, so that the two parts come to agree. The last
+        step lands on the model's image in the fill and on `known` exactly elsewhere."""
+        ts = list(range(self.timesteps - 1, -1, -1)) if sampler == "ddpm" else \
+            self.sampling_steps(self.timesteps - 1, steps, spacing)
+        update = functools.partial(ddim_step, eta=eta) if sampler == "ddim" else SAMPLERS[sampler]
+        noise = functools.partial(torch.randn, known.shape, generator=generator, device=known.device)
+        abar, previous, passes = self.alphas_cumprod.to(known.device).float(), None, {}
+        x, k = noise(), 0
+        while True:
+            eps, x0 = self.denoise(model, x, ts[k], clip)
+            if k + 1 == len(ts):
+                return torch.where(fill, x0, known)
+            x, previous = update(x, x0, eps, abar[ts[k]], abar[ts[k + 1]], noise, previous)
+            x = torch.where(fill, x, abar[ts[k + 1]].sqrt() * known + (1 - abar[ts[k + 1]]).sqrt() * noise())
+            k += 1
+            if k % jump == 0 and k + 1 < len(ts) and passes.get(k, 1) < resample:  # back up, and down again
+                passes[k] = passes.get(k, 1) + 1
+                ratio = abar[ts[k - jump]] / abar[ts[k]]
+                x, k, previous = ratio.sqrt() * x + (1 - ratio).sqrt() * noise(), k - jump, None
+
+    @torch.no_grad()
     def invert(self, model, x, end_t, steps, spacing=STEP_SPACING):
         """DDIM inversion (Song et al. 2021, eq. 12 with eta 0, run from the image up; Dhariwal & Nichol 2021, app. F):
         the image x, taken as x at step 0, to x_{end_t} along the same deterministic path, the model's x0 never
@@ -478,4 +504,4 @@ def save_png(x, path, nrow=None):
     from torchvision.utils import make_grid
     img = x if x.dim() == 3 else make_grid(x.float(), nrow=nrow or math.ceil(math.sqrt(len(x))), padding=2)[:1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    to_pil_image(to_unit(img.cpu())).save(path)
+    to_pil_image((to_unit(img.cpu()) * 255).round().to(torch.uint8)).save(path)  # rounded: uint8 images come back
