@@ -321,6 +321,7 @@ def inpaint_eval(sampling, data, resample, jump, out):
     if healthy is not None and (atrophy := heldout_slices(data, healthy, EDIT_SLICES)).twins is not None:
         cases["atrophy"] = (atrophy, atrophy.masks, atrophy.twins, torch.full((len(atrophy.images),), healthy))
     figures = {"resample": resample, "jump": jump}
+    os.makedirs(out, exist_ok=True)
     for case, (slices, masks, truth, labels) in cases.items():
         labels, positions = labels if sampling.classes else None, slices.positions if by_slice else None
         fill = lambda r, j: in_batches(lambda *b: inpaint(sampling, *b, r, j), batch, slices.images,  # noqa: E731

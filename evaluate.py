@@ -253,9 +253,12 @@ def map_scores(name, maps, masks, region):
 
 def mean_by_height(data, label, positions, width=0.05):
     """For each position, the mean training slice of class `label` (None: of all) within `width` of that height, in
-    [-1, 1]: what a slice there looks like on average (a reference for effect maps, and a classical fill)."""
+    [-1, 1]: what a slice there looks like on average (a reference for effect maps, and a classical fill); with no
+    heights known, the mean of them all."""
     of_class = torch.ones(len(data.train), dtype=torch.bool) if label is None else data.train_labels == label
     pool = data.train[of_class].float() / 127.5 - 1
+    if positions is None or data.train_positions is None:  # no heights known: the mean of them all
+        return pool.mean(0, keepdim=True).expand(len(positions) if positions is not None else 1, -1, -1, -1)
     heights = data.train_positions[of_class]
     return torch.stack([pool[(heights - p).abs() <= width].mean(0) if ((heights - p).abs() <= width).any()
                         else pool.mean(0) for p in positions.tolist()])
