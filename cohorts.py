@@ -1,6 +1,14 @@
-"""What real cohorts look like on disk: the OASIS and ADNI folder and file names, and the subject ids that paths
-carry. dataset.py reads these layouts and demo.py writes them."""
+"""What real cohorts look like on disk: the OASIS and ADNI folder and file names, BIDS, the subject, session and image
+ids that paths carry, and the tables of labels cohorts come with (ADNI's collection CSVs and ADNIMERGE, OASIS-1's
+cross-sectional CSV, BIDS participants.tsv). dataset.py reads these layouts and demo.py writes them."""
+import csv
+import hashlib
+import os
 import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from utils import InputError, show_path
 
 OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,test}, masks in ..._seg_*
 ADNI_SPLITS = ("train", "test")  # ADNI split folders: train, and test used as the held-out split
@@ -8,9 +16,177 @@ ADNI_CLASSES = ["AD", "NC"]  # ADNI class folders in each split; the list index 
 SLICE_NAME = re.compile(r"(.+)_slice_(\d+)")  # OASIS file names: case_NNN_slice_K (the demo's too)
 ADNI_NAME = re.compile(r"(.+)_(\d+)")  # ADNI file names: SUBJECT_K
 SUBJECT_ID = r"sub-[A-Za-z0-9]+|OAS\d_\d{4}|\d{3}_S_\d{4}"  # BIDS, OASIS, ADNI subject ids: their scans stay together
+SESSION_ID = r"OAS\d_\d{4}_MR\d+"  # OASIS sessions (BIDS ones are sub-X_ses-Y, from the path)
+IMAGE_ID = r"(?<=_)I(\d+)(?=[._])"  # ADNI image ids in file names: ..._S13408_I13722.nii
+BIDS_SKIP = ("derivatives", "sourcedata", "code", "stimuli")  # BIDS folders that hold no raw data to train on
+ID_COLUMNS = ("Image Data ID", "Subject", "PTID", "ID", "participant_id", "subject_id")  # found by name, any case
+LABEL_COLUMNS = ("Group", "DX", "DX_bl", "diagnosis", "group", "CDR")  # the first present is the label column
+LEVELS = ("image", "session", "subject", "name")  # how a file matches a table row, finest first
 
 
 def subject_of(path):
     """The subject id in a path (SUBJECT_ID), or the path itself."""
     m = re.search(SUBJECT_ID, path)
     return m.group(0) if m else path
+
+
+def bids_scans(paths, root, suffix):
+    """The raw anatomical scans of a BIDS dataset: sub-*/[ses-*/]anat/*_{suffix}.nii[.gz], nothing under
+    derivatives/ or sourcedata/ and no other modality."""
+    def wanted(path):
+        parts = os.path.relpath(path, root).split(os.sep)
+        return (len(parts) >= 3 and parts[-2] == "anat" and not set(parts) & set(BIDS_SKIP)
+                and re.search(rf"_{re.escape(suffix)}\.nii(\.gz)?$", parts[-1]) is not None)
+    return [p for p in paths if wanted(p)]
+
+
+def _normal(value):
+    """A table value as the project compares it: trimmed, and numbers written one way (0.50 -> 0.5, 1.0 -> 1)."""
+    value = value.strip()
+    try:
+        return f"{float(value):g}"
+    except ValueError:
+        return value
+
+
+def ids_in_table(value):
+    """(level, key) pairs an id from a table stands for: an ADNI image id (I13722), an OASIS session (with its
+    subject), a BIDS participant, an ADNI or OASIS subject, or any other name."""
+    value = value.strip()
+    if m := re.fullmatch(r"I(\d+)", value):
+        return [("image", m[1])]
+    if re.fullmatch(SESSION_ID, value):
+        return [("session", value), ("subject", value[:9])]
+    if re.fullmatch(SUBJECT_ID, value):
+        return [("subject", value)]
+    return [("name", value)] if value else []
+
+
+def ids_in_path(path):
+    """(level, key) pairs a data file's path carries: its ADNI image id, its session (OASIS, or BIDS sub-X_ses-Y),
+    its subject, and its folder and file names."""
+    name = os.path.basename(path)
+    found = [("image", m) for m in re.findall(IMAGE_ID, name)]
+    found += [("session", m) for m in re.findall(SESSION_ID, path)]
+    bids = re.search(r"(sub-[A-Za-z0-9]+)[/\\_](ses-[A-Za-z0-9]+)", path)
+    found += [("session", f"{bids[1]}_{bids[2]}")] if bids else []
+    found += [("subject", m) for m in re.findall(SUBJECT_ID, path)]
+    parts = path.replace("\\", "/").split("/")
+    return found + [("name", p) for p in parts[:-1]] + [("name", name.split(".")[0])]
+
+
+@dataclass
+class Table:
+    """A table of labels: each row's ids (level, key) and its class (None: blank, or left out by the map)."""
+    path: str
+    id_columns: list
+    label_column: str
+    rows: list = field(default_factory=list)  # [(ids, class or None)]
+    digest: str = ""  # of the file and the settings that read it
+
+
+def read_table(path, id_column="", label_column="", label_map=""):
+    """A CSV or TSV table of labels: its id columns and label column found by their usual names (or given), its values
+    mapped to classes by label_map ('CN=NC,SMC=NC,Dementia=AD'; without one, the values are the classes)."""
+    shown = show_path(path)
+    if not os.path.isfile(path):
+        raise InputError(f"no label table at {shown}: pass --labels FILE (a CSV or TSV)")
+    delimiter = {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+        delimiter = delimiter or csv.Sniffer().sniff(text[:4096], delimiters=",\t").delimiter
+        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error):
+        raise InputError(f"{shown} is not a CSV or TSV table: pass a .csv or .tsv file of labels") from None
+    if len(columns) < 2:
+        raise InputError(f"{shown} is not a CSV or TSV table (one column: {', '.join(columns) or 'none'}): pass a "
+                         f".csv or .tsv file with an id column and a label column")
+    find = lambda names: [c for name in names for c in columns if c.strip().lower() == name.lower()]  # noqa: E731
+    ids = find([id_column]) if id_column else find(ID_COLUMNS)
+    label = find([label_column]) if label_column else find(LABEL_COLUMNS)
+    if not ids or not label:
+        wanted = "--id-column " + id_column if id_column else "an id column (" + ", ".join(ID_COLUMNS) + ")"
+        if ids:
+            wanted = "--label-column " + label_column if label_column else "a label column (" + ", ".join(
+                LABEL_COLUMNS) + ")"
+        raise InputError(f"{shown} has no {wanted}; its columns: {', '.join(columns)} (name one with --id-column or "
+                         f"--label-column)")
+    mapping = {}
+    for pair in filter(None, label_map.split(",")):
+        if "=" not in pair:
+            raise InputError(f"--label-map {label_map}: give VALUE=CLASS pairs, e.g. CN=NC,EMCI=MCI,Dementia=AD")
+        value, name = pair.split("=", 1)
+        mapping[_normal(value)] = name.strip()
+    table = Table(path, ids, label[0])
+    for row in rows:
+        value = _normal(row.get(label[0]) or "")
+        name = mapping.get(value) if mapping else value or None
+        table.rows.append(([key for column in ids for key in ids_in_table(row.get(column) or "")], name))
+    table.digest = hashlib.sha1(text.encode() + repr((ids, label, sorted(mapping.items()))).encode()).hexdigest()[:12]
+    return table
+
+
+@dataclass
+class Matching:
+    """What a table says of a list of files: the class of each file it labels, and how they were found."""
+    labels: dict  # {file: class name}
+    by_level: Counter  # files labelled at each of LEVELS
+    unlabelled: list  # files whose rows are blank or left out by the map
+    unmatched: list  # files no row names
+    conflicts: list  # subjects whose rows disagree and whose files carry nothing finer
+    unused_rows: int  # rows no file matched
+
+    def report(self, table):
+        """The matching in a few lines, for `python dataset.py DIR --labels FILE`."""
+        few = lambda names: ", ".join(show_path(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")  # noqa
+        lines = [f"labels  {show_path(table.path)}, column {table.label_column}: " + ", ".join(
+            f"{self.by_level[level]} files by {level} id" for level in LEVELS if self.by_level[level])]
+        if self.unlabelled:
+            lines.append(f"        {len(self.unlabelled)} files unlabelled (blank, or not in --label-map): skipped")
+        if self.unmatched:
+            lines.append(f"        {len(self.unmatched)} files not in the table, skipped: {few(self.unmatched)}")
+        if self.conflicts:
+            lines.append(f"        {len(self.conflicts)} subjects with rows that disagree, skipped: {few(self.conflicts)}")
+        lines.append(f"        {self.unused_rows} of {len(table.rows)} table rows matched no file")
+        return "\n".join(lines)
+
+
+def match_files(files, table):
+    """Each file's class from the table, matching finest first: the image id in its name, then its session, then its
+    subject (whose rows must agree), then a folder or file name; the files left unlabelled and why."""
+    index = {}
+    for row, (ids, name) in enumerate(table.rows):
+        for key in ids:
+            index.setdefault(key, []).append(row)
+    result, used = Matching({}, Counter(), [], [], [], 0), set()
+    for path in files:
+        found = ids_in_path(path)
+        for level in LEVELS:
+            rows = sorted({r for key in found if key[0] == level for r in index.get(key, [])})
+            if rows:
+                break
+        else:
+            result.unmatched.append(path)
+            continue
+        used.update(rows)
+        names = {table.rows[r][1] for r in rows} - {None}
+        if len(names) > 1:
+            result.conflicts.append(next(k for lv, k in found if lv == level))
+        elif not names:
+            result.unlabelled.append(path)
+        else:
+            result.labels[path], result.by_level[level] = names.pop(), result.by_level[level] + 1
+    result.conflicts = sorted(set(result.conflicts))
+    result.unused_rows = len(table.rows) - len(used)
+    if not result.labels and not result.unlabelled and not result.conflicts:
+        written = lambda key: f"I{key[1]}" if key[0] == "image" else key[1]  # noqa: E731  as the tables write it
+        in_table = next((k for ids, _ in table.rows for k in ids), ("name", "none"))
+        keys = ids_in_path(files[0]) if files else [("name", "none")]
+        in_files = next((k for k in keys if k[0] == in_table[0]), keys[0])
+        raise InputError(f"no file matches {show_path(table.path)}: the files carry ids like {written(in_files)}, the "
+                         f"table ids like {written(in_table)} ({', '.join(table.id_columns)}): check --data-dir, or "
+                         f"name the id column with --id-column")
+    return result

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 import demo as demo_sets
 import utils
 import volumes
+import cohorts
 from cohorts import ADNI_CLASSES, ADNI_NAME, ADNI_SPLITS, OASIS, SLICE_NAME, SUBJECT_ID, subject_of
 from utils import InputError, show_path
 
@@ -42,6 +43,7 @@ class Scan(NamedTuple):
     subject: str  # its subject id (SUBJECT_ID) or, without one, its own name: a subject's scans share a split
     split: str  # 'train' | 'val'
     slices: int  # slices kept; the split's images hold them in this order, bottom to top
+    label: int | None = None  # its class, where the data has classes
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Data:
     sizes: dict = field(default_factory=dict)  # original image sizes found, 'WxH' (scans 'XxYxZ AxBxC mm'): count
     scans: list = field(default_factory=list)  # volumes: the Scans read, train ones first
     val_names: list = field(default_factory=list)  # each held-out image's file under root (a scan's: FILE:K)
+    labels_report: str = ""  # with a label table (LABELS): how its rows matched the files
 
     def summary(self):
         s = self.train.shape[-1]
@@ -225,12 +228,15 @@ def _subdirs(d, exclude):
 
 
 def find_layout(folder, exclude=()):
-    """('oasis' | 'adni' | 'volumes' | 'folder', root): the first OASIS or ADNI layout up to SEARCH_DEPTH levels
-    down (its split/class folders holding scans and no images: volumes), else the folder holding all the scans."""
+    """('oasis' | 'adni' | 'bids' | 'volumes' | 'folder', root): the first OASIS, ADNI or BIDS layout up to
+    SEARCH_DEPTH levels down (ADNI's split/class folders holding scans and no images: volumes), else the folder
+    holding all the scans."""
     level = [folder]
     for _ in range(SEARCH_DEPTH + 1):
         for d in level:
             name = os.path.basename(os.path.normpath(d))
+            if os.path.isfile(os.path.join(d, "dataset_description.json")):
+                return "bids", d
             if name == OASIS + "data" or os.path.isdir(os.path.join(d, OASIS + "train")):
                 return "oasis", d
             if name == "AD_NC" or any(os.path.isdir(os.path.join(d, s, c)) for s in ADNI_SPLITS
@@ -246,10 +252,13 @@ def find_layout(folder, exclude=()):
     return "volumes", os.path.normpath(os.path.join(folder, *parts))  # the deepest folder above all scans and splits
 
 
-def _volume_splits(root, exclude):
-    """({split: paths}, classes, {path under root: class index}) of a folder of scans: 'train' and 'val' (else 'test') from its
-    split folders, or 'all'; classes from the folders below them (two or more, not named like subjects)."""
+def _volume_splits(root, exclude, bids_suffix=None):
+    """({split: paths}, classes, {path under root: class index}) of a folder of scans: 'train' and 'val' (else 'test')
+    from its split folders, or 'all'; classes from the folders below them (two or more, not named like subjects). Of
+    a BIDS dataset (bids_suffix given), its raw anat scans of that suffix only."""
     scans = list_images(root, exclude, volumes.SCAN_EXTS)
+    if bids_suffix:
+        scans = cohorts.bids_scans(scans, root, bids_suffix)
     parts = [os.path.relpath(p, root).split(os.sep) for p in scans]
     split_of = [VOLUME_SPLITS.get(q[0].lower()) if len(q) > 1 else None for q in parts]
     found = set(split_of) - {None}
@@ -346,10 +355,51 @@ def _locate(cfg):
 
 
 def _held_out(subjects, seed):
-    """A seeded VAL_SUBJECTS share of the subjects, at least one when there are two or more."""
-    names = sorted(subjects)
-    n = max(1, round(VAL_SUBJECTS * len(names))) if len(names) >= 2 else 0
-    return {names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:n].tolist()}
+    """A seeded VAL_SUBJECTS share of the subjects ({subject: class or None}) of each class, at least one of a class
+    with two or more: every class is held out."""
+    held = set()
+    for group in sorted(set(subjects.values()), key=str):
+        names = sorted(u for u, c in subjects.items() if c == group)
+        n = max(1, round(VAL_SUBJECTS * len(names))) if len(names) >= 2 else 0
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+        held |= {names[i] for i in order[:n]}
+    return held
+
+
+def label_table(cfg, root, bids, layout):
+    """The table the classes come from: LABELS, or a BIDS dataset's participants.tsv when class conditioning asks for
+    classes; None: the class folders."""
+    default = os.path.join(root, "participants.tsv")
+    path = cfg["LABELS"] or (default if bids and utils.conditions_of(cfg)[0] and os.path.isfile(default) else "")
+    if not path:
+        return None
+    if layout not in ("volumes", "folder"):
+        raise InputError(f"--labels reads folders of scans or images whose names carry ADNI, OASIS or BIDS ids, not "
+                         f"the {layout.upper()} slice layout in {show_path(root)}: leave --labels out")
+    return cohorts.read_table(path, cfg["ID_COLUMN"], cfg["LABEL_COLUMN"], cfg["LABEL_MAP"])
+
+
+def labels_from(table, splits, root):
+    """The splits' files the table labels (the rest left out, said), their classes (sorted names) and
+    {path under root: class index}, and the Matching."""
+    files = [os.path.relpath(p, root) for paths in splits.values() for p in paths]
+    matching = cohorts.match_files(files, table)
+    for subject in matching.conflicts:
+        print(f"warning: skipping {subject}: its rows in {show_path(table.path)} give different classes and its "
+              f"files carry no finer id", file=sys.stderr)
+    skipped = len(files) - len(matching.labels)
+    if skipped:
+        print(f"notice: {skipped} of {len(files)} files left out: {len(matching.unlabelled)} unlabelled (blank, or not "
+              f"in --label-map), {len(matching.unmatched)} not in the table, {len(matching.conflicts)} subjects in "
+              f"conflict ({show_path(table.path)})")
+    classes = sorted(set(matching.labels.values()))
+    if len(classes) < 2:
+        raise InputError(f"{show_path(table.path)} labels the files with {len(classes)} class "
+                         f"({', '.join(classes) or 'none'}) in column {table.label_column}: class conditioning needs "
+                         f"two or more; check --label-map or --label-column")
+    kept = {s: [p for p in paths if os.path.relpath(p, root) in matching.labels] for s, paths in splits.items()}
+    return ({s: p for s, p in kept.items() if p}, classes,
+            {f: classes.index(c) for f, c in matching.labels.items()}, matching)
 
 
 def _volume_data(root, got, classes, label_of, seed):
@@ -357,10 +407,11 @@ def _volume_data(root, got, classes, label_of, seed):
     scans, val = [], []
     for s, c in got.items():  # 'all', or 'train' and 'val'
         subjects = [subject_of(f) for f in c["files"]]
-        held = _held_out({u for u, n in zip(subjects, c["counts"]) if n}, seed) if s == "all" else set()
+        of = {u: label_of.get(f) for f, u, n in reversed(list(zip(c["files"], subjects, c["counts"]))) if n}
+        held = _held_out(of, seed) if s == "all" else set()
         in_val = [s == "val" or u in held for u in subjects]
         val.append(torch.tensor(in_val, dtype=torch.bool).repeat_interleave(c["counts"]))
-        scans += [Scan(os.path.join(root, f), u, "val" if v else "train", n)
+        scans += [Scan(os.path.join(root, f), u, "val" if v else "train", n, label_of.get(f))
                   for f, u, v, n in zip(c["files"], subjects, in_val, c["counts"].tolist()) if n]
     val = torch.cat(val)
     images, positions = (torch.cat([c[k] for c in got.values()]) for k in ("images", "positions"))
@@ -381,10 +432,15 @@ def load_data(cfg):
         raise InputError(f"DATA_DIR {show_path(folder)} is not a folder: put OASIS (keras_png_slices_data), ADNI (AD_NC), "
                         f"any images or scans there, or pass --data-dir PATH")
     layout, root = find_layout(folder, exclude)
+    bids, layout = layout == "bids", "volumes" if layout == "bids" else layout
+    label_of = {}
     if layout == "volumes":
-        splits, classes, label_of = _volume_splits(root, exclude)
+        splits, classes, label_of = _volume_splits(root, exclude, cfg["BIDS_SUFFIX"] if bids else None)
     else:
         splits = _split_files(layout, root, cfg, exclude)
+    table = label_table(cfg, root, bids, layout)
+    if table is not None:
+        splits, classes, label_of, matching = labels_from(table, splits, root)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
         raise InputError(f"DATA_DIR {show_path(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
@@ -416,8 +472,14 @@ def load_data(cfg):
         data, unnamed = _volume_data(root, got, classes, label_of, cfg["SEED"]), None
     else:
         data = Data(name or layout, root, train[0], val[0], val_names=list(val[1]))
-        unnamed = conditions_from_names(data, layout, train[1], val[1], utils.conditions_of(cfg)[0])
+        unnamed = conditions_from_names(data, layout, train[1], val[1], utils.conditions_of(cfg)[0] and not table)
+        if table is not None:
+            data.classes, data.train_labels, data.val_labels = classes, *(torch.tensor(
+                [label_of[n] for n in names], dtype=torch.long) for names in (train[1], val[1]))
     check_conditions(data, cfg, unnamed)
+    if table is not None:
+        keys.append(table.digest)
+        data.labels_report = matching.report(table)
     data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, dict(sizes)
     if len(data.train) < cfg["BATCH_SIZE"]:
         print(f"notice: only {len(data.train)} training images, fewer than BATCH_SIZE {cfg['BATCH_SIZE']}: "
@@ -498,6 +560,12 @@ def main():
         print(f"scans   {len(d.scans)}: " + ", ".join(f"{sum(s.split == x for s in d.scans)} {x} "
               f"({len({s.subject for s in d.scans if s.split == x})} subjects)" for x in ("train", "val"))
               + f"; {kept[0]}-{kept[-1]} slices kept per scan (median {kept[len(kept) // 2]})")
+        if d.classes:
+            print("        " + ", ".join(f"{c}: " + " / ".join(f"{sum(s.label == i and s.split == x for s in d.scans)} "
+                                                                  f"{x}" for x in ("train", "val"))
+                                         for i, c in enumerate(d.classes)) + " scans")
+    if d.labels_report:
+        print(d.labels_report)
     print(f"images  {', '.join(f'{k} ({v})' for k, v in d.sizes.items())} found, read at {d.train.shape[-1]}px")
     print(f"cache   {show_path(d.cache)} (fingerprint {d.fingerprint})")
     if args.preview is not None:

@@ -21,6 +21,11 @@ CHANNELS = 1  # image channels (grayscale MRI)
 HFLIP = False  # random horizontal flips during training
 OASIS_TRAIN_ON_TEST = False  # OASIS: also train on the test split, as earlier projects did
 CONDITION = "none"  # what generation can be asked for: 'none' | 'class' (e.g. AD/NC) | 'slice' (height) | 'class+slice'
+LABELS = ""  # a CSV or TSV of labels for the classes (ADNI, OASIS-1, BIDS participants.tsv), instead of class folders
+LABEL_COLUMN = ""  # LABELS: its label column (default: the first of Group, DX, DX_bl, diagnosis, group, CDR)
+ID_COLUMN = ""  # LABELS: its id column (default: Image Data ID, Subject, PTID, ID, participant_id, all that are there)
+LABEL_MAP = ""  # LABELS: values to classes, e.g. CN=NC,SMC=NC,EMCI=MCI,LMCI=MCI,Dementia=AD (others: unlabelled)
+BIDS_SUFFIX = "T1w"  # a BIDS dataset (dataset_description.json): the anat scans read, *_T1w.nii[.gz]
 # Network
 BASE_CHANNELS = 64  # width of the first U-Net level
 CHANNEL_MULT = (1, 2, 2, 4, 4)  # width multiplier per level; each level after the first halves the resolution

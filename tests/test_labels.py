@@ -1,0 +1,221 @@
+"""Labels from the tables cohorts come with: an ADNI download with its collection CSV (and ADNIMERGE), OASIS-1 with
+its cross-sectional CSV, a BIDS dataset with participants.tsv; matching by image, session and subject id, label
+maps, three classes, and bad tables (CPU, tiny synthetic scans)."""
+import json
+import os
+
+import nibabel
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, run_script
+
+import cohorts
+import dataset
+import utils
+from utils import InputError
+
+CLASS_LEVEL = {"NC": 300, "MCI": 600, "AD": 900}  # the scans' brightness by true class: the classes can be learned
+
+
+def write_scan(path, level, seed, fmt="nifti"):
+    """A tiny head: an ellipsoid of the given brightness with some texture, 16 x 16 x 10 voxels."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:10, :16, :16].astype(float)
+    inside = ((x - 7.5) / 6) ** 2 + ((y - 7.5) / 7) ** 2 + ((z - 4.5) / 5) ** 2 < 1
+    volume = (inside * (level + 100 * rng.random((10, 16, 16)))).transpose(2, 1, 0).astype(np.int16)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = (nibabel.AnalyzeImage if fmt == "analyze" else nibabel.Nifti1Image)(volume, np.eye(4))
+    nibabel.save(image, path)
+
+
+def write_table(path, columns, rows, delimiter=","):
+    with open(path, "w") as f:
+        f.write(delimiter.join(columns) + "\n" + "".join(delimiter.join(map(str, r)) + "\n" for r in rows))
+    return str(path)
+
+
+ADNI_GROUPS = {"002_S_0295": "CN", "002_S_0413": "CN", "003_S_0907": "SMC", "005_S_0221": "EMCI", "006_S_0498": "LMCI",
+               "007_S_0070": "MCI", "011_S_0003": "AD", "011_S_0010": "AD", "012_S_0637": "AD"}
+ADNI_MAP = "CN=NC,SMC=NC,EMCI=MCI,LMCI=MCI,MCI=MCI,AD=AD,Dementia=AD"
+
+
+def adni_tree(root):
+    """ADNI's download layout, ADNI/SUBJECT/MPRAGE/DATE/S.../ADNI_..._I<id>.nii, and its collection CSV: one image a
+    subject, a converter (003_S_1000: CN at screening, AD two years on, one image each), and a subject (009_S_0751)
+    whose rows disagree and whose file has lost its image id."""
+    rows, image = [], 10000
+    subjects = {**ADNI_GROUPS, "003_S_1000": ["CN", "AD"], "009_S_0751": ["MCI", "AD"]}
+    for subject, groups in subjects.items():
+        for visit, group in enumerate([groups] if isinstance(groups, str) else groups):
+            image += 1
+            name = f"ADNI_{subject}_MR_MPRAGE_br_raw_2006041819371309{visit}_1_S{image - 5000}_I{image}.nii"
+            if subject == "009_S_0751":
+                name = f"scan_{visit}.nii"  # renamed: no image id left
+            true = {"CN": "NC", "SMC": "NC", "AD": "AD"}.get(group, "MCI")
+            write_scan(os.path.join(root, "ADNI", subject, "MPRAGE", f"2006-04-1{visit}", f"S{image - 5000}", name),
+                       CLASS_LEVEL[true], image)
+            rows.append([f"I{image}", subject, group, "M", 75, ["sc", "m24"][visit], "MRI"])
+    table = write_table(os.path.join(root, "ADNI1_collection.csv"),
+                        ["Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality"], rows)
+    return os.path.join(root, "ADNI"), table
+
+
+def oasis_tree(root):
+    """OASIS-1's layout, OAS1_XXXX_MR1/PROCESSED/MPRAGE/T88_111/..._t88_masked_gfc.hdr/.img (Analyze), and its
+    cross-sectional CSV: CDR 0, 0.5, 1, 2, blank for the young subjects."""
+    cdrs = ["0", "0", "0", "0.5", "0.5", "0.5", "1", "2", "1", "", ""]
+    rows = []
+    for i, cdr in enumerate(cdrs, start=1):
+        session = f"OAS1_{i:04d}_MR1"
+        level = CLASS_LEVEL[{"0": "NC", "0.5": "MCI"}.get(cdr, "AD")] if cdr else 500
+        write_scan(os.path.join(root, "disc1", session, "PROCESSED", "MPRAGE", "T88_111",
+                                f"{session}_mpr_n4_anon_111_t88_masked_gfc.hdr"), level, i, fmt="analyze")
+        rows.append([session, "F", "R", 20 if not cdr else 74, cdr])
+    table = write_table(os.path.join(root, "oasis_cross-sectional.csv"), ["ID", "M/F", "Hand", "Age", "CDR"], rows)
+    return root, table
+
+
+def bids_tree(root):
+    """A BIDS dataset: sub-*/ses-*/anat/*_T1w.nii.gz with a T2w and a functional run beside them that must not be
+    read, derivatives/ that must not be read, and participants.tsv giving each participant's group."""
+    groups = {"sub-01": "CN", "sub-02": "CN", "sub-03": "CN", "sub-04": "MCI", "sub-05": "MCI", "sub-06": "MCI",
+              "sub-07": "AD", "sub-08": "AD", "sub-09": "AD"}
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "dataset_description.json"), "w") as f:
+        json.dump({"Name": "test", "BIDSVersion": "1.8.0"}, f)
+    for k, (subject, group) in enumerate(groups.items()):
+        level = CLASS_LEVEL[{"CN": "NC"}.get(group, group)]
+        for session in ("ses-01", "ses-02") if k % 2 == 0 else ("ses-01",):
+            anat = os.path.join(root, subject, session, "anat")
+            write_scan(os.path.join(anat, f"{subject}_{session}_T1w.nii.gz"), level, k)
+            write_scan(os.path.join(anat, f"{subject}_{session}_T2w.nii.gz"), 100, k)
+        write_scan(os.path.join(root, subject, "ses-01", "func", f"{subject}_ses-01_task-rest_bold.nii.gz"), 100, k)
+        write_scan(os.path.join(root, "derivatives", "prep", subject, "anat", f"{subject}_desc-brain_T1w.nii.gz"),
+                   100, k)
+    write_table(os.path.join(root, "participants.tsv"), ["participant_id", "age", "group"],
+                [[s, 70, g] for s, g in groups.items()], delimiter="\t")
+    return str(root)
+
+
+def config(data_dir, **overrides):
+    return {**utils.constants(), "DATA_DIR": str(data_dir), "IMAGE_SIZE": 16, "BATCH_SIZE": 4,
+            "CONDITION": "class", **overrides}
+
+
+def scans_by_class(data):
+    return {c: sorted(os.path.basename(s.path) for s in data.scans if s.label == i) for i, c in enumerate(data.classes)}
+
+
+def test_adni_images_are_labelled_by_their_image_ids(tmp_path, capsys):
+    scans, table = adni_tree(tmp_path)
+    data = dataset.load_data(config(scans, LABELS=table, LABEL_MAP=ADNI_MAP))
+    assert data.classes == ["AD", "MCI", "NC"]
+    by_class = scans_by_class(data)
+    converter = sorted(n for n in sum(by_class.values(), []) if "003_S_1000" in n)
+    assert len(converter) == 2 and converter[0] in by_class["NC"] and converter[1] in by_class["AD"]  # each its own
+    assert sum(map(len, by_class.values())) == 11 and not any("scan_" in n for n in sum(by_class.values(), []))
+    err = capsys.readouterr().err
+    assert "skipping 009_S_0751: its rows" in err and "give different classes" in err
+    assert {s.label for s in data.scans if s.split == "val"} == {0, 1, 2}  # every class is held out
+    assert "11 files by image id" in data.labels_report
+
+
+def test_adnimerge_rows_label_subjects(tmp_path):
+    """ADNIMERGE gives a diagnosis per subject and visit (PTID, VISCODE, DX): the files are labelled by subject; a
+    subject diagnosed CN then Dementia whose files carry nothing finer is left out."""
+    scans, _ = adni_tree(tmp_path)
+    rows = [[s, "bl", {"CN": "CN", "SMC": "CN", "AD": "Dementia"}.get(g, "MCI")] for s, g in ADNI_GROUPS.items()]
+    rows += [["003_S_1000", "bl", "CN"], ["003_S_1000", "m24", "Dementia"], ["009_S_0751", "bl", "MCI"]]
+    table = write_table(tmp_path / "ADNIMERGE.csv", ["PTID", "VISCODE", "DX"], rows)
+    data = dataset.load_data(config(scans, LABELS=table, LABEL_MAP="CN=NC,MCI=MCI,Dementia=AD"))
+    by_class = scans_by_class(data)
+    assert not any("003_S_1000" in n for n in sum(by_class.values(), []))  # in conflict: skipped
+    assert sorted(n.split("_")[1] + "_S_" + n.split("_")[3] for n in by_class["AD"]) == ["011_S_0003", "011_S_0010",
+                                                                                     "012_S_0637"]
+    assert len(by_class["MCI"]) == 5  # EMCI, LMCI, MCI, and 009_S_0751's two files (one row: no conflict)
+    assert "files by subject id" in data.labels_report
+
+
+def test_oasis_sessions_are_labelled_by_cdr_and_blanks_left_out(tmp_path, capsys):
+    root, table = oasis_tree(tmp_path)
+    data = dataset.load_data(config(root, LABELS=table, LABEL_MAP="0=NC,0.5=MCI,1=AD,2=AD"))
+    assert data.classes == ["AD", "MCI", "NC"]
+    assert {c: len(n) for c, n in scans_by_class(data).items()} == {"AD": 3, "MCI": 3, "NC": 3}
+    assert "2 unlabelled (blank, or not in --label-map)" in capsys.readouterr().out
+    assert "9 files by session id" in data.labels_report
+    two = dataset.load_data(config(root, LABELS=table, LABEL_MAP="0=NC,0.5=AD,1=AD,2=AD"))
+    assert two.classes == ["AD", "NC"]
+
+
+def test_bids_reads_raw_t1w_scans_and_participants_tsv(tmp_path):
+    root = bids_tree(tmp_path)
+    data = dataset.load_data(config(root, LABEL_MAP="CN=NC,MCI=MCI,AD=AD"))
+    assert data.layout == "volumes" and data.classes == ["AD", "MCI", "NC"]
+    names = [os.path.relpath(s.path, root) for s in data.scans]
+    assert len(names) == 14 and all(n.endswith("_T1w.nii.gz") and "derivatives" not in n for n in names)
+    for subject in {s.subject for s in data.scans}:  # both sessions of a subject on one side of the split
+        assert len({s.split for s in data.scans if s.subject == subject}) == 1
+    assert {s.label for s in data.scans if s.split == "val"} == {0, 1, 2}
+    unlabelled = dataset.load_data(config(root, CONDITION="none"))  # no classes asked for: no table needed
+    assert len(unlabelled.scans) == 14 and unlabelled.classes == []
+
+
+def test_dataset_py_reports_the_matching(tmp_path):
+    scans, table = adni_tree(tmp_path)
+    r = run_script("dataset.py", scans, "--labels", table, "--label-map", ADNI_MAP, "--image-size", "16")
+    assert r.returncode == 0, r.stderr
+    assert "11 files by image id" in r.stdout and "2 files not in the table" not in r.stdout
+    assert "1 subjects with rows that disagree, skipped: 009_S_0751" in r.stdout
+    assert "AD: " in r.stdout and " scans" in r.stdout
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no match", "no file matches"), ("no column", "has no a label column"),
+    ("one class", "labels the files with 1 class (NC)"), ("not a table", "is not a CSV or TSV table"),
+    ("bad map", "--label-map CN: give VALUE=CLASS pairs")])
+def test_bad_tables_get_one_line_before_training(tmp_path, case, expected):
+    scans, table = adni_tree(tmp_path)
+    flags = {"LABELS": table, "LABEL_MAP": ADNI_MAP}
+    if case == "no match":
+        flags["LABELS"] = write_table(tmp_path / "other.csv", ["Subject", "Group"], [["099_S_9999", "AD"]])
+    elif case == "no column":
+        flags["LABELS"] = write_table(tmp_path / "other.csv", ["Subject", "Sex"], [["002_S_0295", "M"]])
+    elif case == "one class":
+        flags["LABEL_MAP"] = "CN=NC"
+    elif case == "not a table":
+        (tmp_path / "notes.txt").write_bytes(b"\x00\x01\x02 binary")
+        flags["LABELS"] = str(tmp_path / "notes.txt")
+    else:
+        flags["LABEL_MAP"] = "CN"
+    with pytest.raises(InputError) as e:
+        dataset.load_data(config(scans, **flags))
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+    if case == "no match":
+        assert "I10001" in str(e.value) or "002_S_0295" in str(e.value)  # an id from the files, beside the table's
+        assert "099_S_9999" in str(e.value)
+    if case == "no column":
+        assert "Subject, Sex" in str(e.value)  # its columns, listed
+
+
+def test_ids_found_in_paths_and_tables():
+    path = "ADNI/002_S_0295/MPRAGE/2006-04-18/S13408/ADNI_002_S_0295_MR_MPRAGE_br_raw_1_S13408_I13722.nii"
+    assert ("image", "13722") in cohorts.ids_in_path(path) and ("subject", "002_S_0295") in cohorts.ids_in_path(path)
+    assert ("session", "sub-01_ses-02") in cohorts.ids_in_path("sub-01/ses-02/anat/sub-01_ses-02_T1w.nii.gz")
+    assert cohorts.ids_in_table("OAS1_0001_MR1") == [("session", "OAS1_0001_MR1"), ("subject", "OAS1_0001")]
+    assert cohorts.ids_in_table("I13722") == [("image", "13722")]
+
+
+def test_three_classes_train_and_get_a_row_each(tmp_path):
+    """The whole path on a BIDS dataset with CN, MCI and AD participants: train.py, then predict.py's conditions.png,
+    a row a class."""
+    root, out = bids_tree(tmp_path / "bids"), str(tmp_path / "out")
+    flags = ["--data-dir", root, "--output-dir", out, "--condition", "class", "--label-map", "CN=NC,MCI=MCI,AD=AD",
+             *TINY, "--image-size", "16", "--attn-resolutions", "8", "--epochs", "2"]
+    r = run_script("train.py", *flags)
+    assert r.returncode == 0 and "classes AD/MCI/NC" in r.stdout, r.stderr
+    r = run_script("predict.py", "--output-dir", out, "--compile", "false", "--num-samples", "3", "--no-metrics")
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(os.path.join(out, "predict", "conditions.png"))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["classes"] == ["AD", "MCI", "NC"]
