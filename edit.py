@@ -1,6 +1,8 @@
 """Ask about a brain you hold: the same slice under another class (a counterfactual: DDIM inversion, then guided
-decoding), and effect maps of where a slice differs from what the model calls healthy; for your slices or scan, or
-for held-out slices, measured against the labelled demo's truth. predict.py calls these with --to-label, --anomaly."""
+decoding), effect maps of where a slice differs from what the model calls healthy, and a region filled anew with
+anatomy that fits the rest (inpainting, RePaint); for your slices or scan, or for held-out slices, measured against
+what was there and the labelled demo's truth. predict.py calls these with --to-label, --anomaly, --mask and
+--inpaint-eval."""
 import json
 import os
 from dataclasses import dataclass
@@ -157,8 +159,9 @@ def run(sampling, slices, target, depth, guidance, anomaly, data, out):
         cf, null = in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, x, slices.labels,
                               positions, targets)
         columns.update({"counterfactual": cf, "difference": cf - x})
-        for name, image in zip(slices.names, cf):
+        for name, image, change in zip(slices.names, cf, effect_map(cf - x)):
             utils.save_png(image, os.path.join(out, "edits", f"{name}_to_{classes[target]}.png"))
+            utils.save_png(change.clamp(0, 1) * 2 - 1, os.path.join(out, "edits", f"{name}_to_{classes[target]}_map.png"))
         if slices.scan:
             pictures.save_stack(cf, os.path.join(out, "counterfactual.nii.gz"), SCAN_SLICE_MM, SCAN_SLICE_MM)
         if slices.labels is not None:
@@ -174,6 +177,9 @@ def run(sampling, slices, target, depth, guidance, anomaly, data, out):
         columns["effect map"] = maps
         for name, image in zip(slices.names, maps):
             utils.save_png(image.clamp(0, 1) * 2 - 1, os.path.join(out, "edits", f"{name}_effect.png"))
+        if slices.scan:
+            pictures.save_stack(maps.clamp(0, 1) * 2 - 1, os.path.join(out, "effect_map.nii.gz"), SCAN_SLICE_MM,
+                                SCAN_SLICE_MM)
         if region is not None:
             figures.update(evaluate.map_scores("anomaly", maps, slices.masks, region))
     if slices.twins is not None:

@@ -1,5 +1,5 @@
-"""The figures predict.py writes: the denoising process, animations, grids with named rows and columns, and slice
-stacks that open in an MRI viewer."""
+"""The figures the project draws: the loss curve, the denoising process, animations, grids with named rows and
+columns, edits beside their inputs, and slice stacks that open in an MRI viewer."""
 import os
 
 import torch
@@ -98,5 +98,21 @@ def save_edits(columns, names, path, title, rows=8, outlines=None):
         bar = fig.colorbar(image, ax=list(axes[:, c]), shrink=0.5, aspect=30)
         bar.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_loss_plot(history, path):
+    """Training and validation loss against step, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train", lw=1)
+    val = [h for h in history if h["val_loss"] != ""]
+    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation (EMA)")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    ax.legend()
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

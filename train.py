@@ -27,6 +27,7 @@ import checkpoints
 import dataset
 import distributed
 import evaluate
+import pictures
 import utils
 from budget import Plan
 from modules import Denoiser, build_model, load_network
@@ -174,22 +175,6 @@ def sample_grid(ema_model, guide, schedule, cfg, device, path, classes):
 def csv_row(row):
     """One history entry as a log.csv row."""
     return [f"{v:.6g}" if isinstance(v, float) else v for v in row.values()]
-
-
-def plot_losses(history, path):
-    """Training and validation loss against step, log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train", lw=1)
-    val = [h for h in history if h["val_loss"] != ""]
-    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation (EMA)")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the run
@@ -551,7 +536,7 @@ def end_epoch(run, progress):
             started = now()
             sample_grid(run.ema.module, guide_model(run, progress), run.schedule, run.cfg, run.device,
                         run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
-            plot_losses(progress.history, run.path("loss.png"))
+            pictures.save_loss_plot(progress.history, run.path("loss.png"))
             progress.window_start += now() - started  # keep img/s a training figure
     return last
 
