@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found: install Python 3.9+ (or set PYTHON=...)" >&2; exit 1; }
-"$PYTHON" -c "import torch, torchvision, numpy, PIL, matplotlib, tqdm, nilearn, torchmetrics" 2>/dev/null || {
+"$PYTHON" -c "import torch, torchvision, numpy, PIL, matplotlib, tqdm, nilearn, torchmetrics, skimage" 2>/dev/null || {
   echo "error: the requirements are not installed: pip install -r requirements.txt" >&2; exit 1; }
 
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")

@@ -131,9 +131,10 @@ def test_load_model_rebuilds_network_and_schedule_from_the_checkpoint(tiny_run, 
 
 
 def test_samples_come_from_the_ema_unless_no_ema(tiny_run, tmp_path):
-    """EMA weights that predict x0 = 0.5 give pixels of 191 ((0.5 + 1) / 2 * 255); the raw ones, -0.5, give 63."""
+    """EMA weights that predict x0 = 0.5 give pixels of 191 ((0.5 + 1) / 2 * 255 = 191.25, rounded); the raw
+    ones, -0.5, give 64 (63.75)."""
     path = constant_output_checkpoint(tiny_run, tmp_path / "c.pt", -0.5, 0.5)
-    for flags, pixel in (((), 191), (("--no-ema",), 63)):
+    for flags, pixel in (((), 191), (("--no-ema",), 64)):
         out = tmp_path / f"out{len(flags)}"
         r = predict(str(out), "--checkpoint", path, "--num-samples", "2", "--no-metrics", *flags,
                     "--input", write_blobs(str(tmp_path / "in"), 1))
