@@ -6,12 +6,14 @@ from dataclasses import dataclass
 @dataclass
 class Plan:
     """How long a run trains: its steps (EPOCHS passes, or what a time budget buys), the minutes they fill (the budget,
-    or more to reach MIN_STEPS), the seconds kept for the last validation, samples and checkpoint, and the settings it
-    was made for (a resumed run with others plans again)."""
+    or more to reach MIN_STEPS), the seconds kept for the last validation, samples and checkpoint, the settings it
+    was made for (a resumed run with others plans again), and the minutes after which the clock stops a run that
+    slowed down: the budget's; for a floor, MAX_TRAIN_MINUTES, so that a slowdown costs time, not steps (0: never)."""
     steps: int
     minutes: float = 0.0
     final_s: float = 0.0
     made_for: tuple = ()
+    deadline: float = 0.0
 
 
 @dataclass
@@ -50,12 +52,13 @@ def plan_steps(cfg, step, elapsed_s, costs, steps_per_epoch):
     final_s = costs.validation + costs.grid + costs.checkpoint
     within = lambda minutes: step + max(0, int((60 * minutes - elapsed_s - final_s) / per_step))  # noqa: E731
     minutes, steps = cfg["TRAIN_MINUTES"], within(cfg["TRAIN_MINUTES"])
+    deadline = minutes
     if steps < cfg["MIN_STEPS"]:
         minutes, steps = (elapsed_s + (cfg["MIN_STEPS"] - step) * per_step + final_s) / 60, cfg["MIN_STEPS"]
-        longest = max(cfg["MAX_TRAIN_MINUTES"], cfg["TRAIN_MINUTES"])
-        if cfg["MAX_TRAIN_MINUTES"] and minutes > longest:
-            minutes, steps = longest, within(longest)
-    return Plan(steps, minutes, final_s, made_for(cfg))
+        deadline = max(cfg["MAX_TRAIN_MINUTES"], cfg["TRAIN_MINUTES"]) if cfg["MAX_TRAIN_MINUTES"] else 0.0
+        if deadline and minutes > deadline:
+            minutes, steps = deadline, within(deadline)
+    return Plan(steps, minutes, final_s, made_for(cfg), deadline)
 
 
 def predict_seconds(cfg, num_classes, forward_s, probe_s):

@@ -436,21 +436,22 @@ def make_plan(run, progress, step_s):
         predict_s = budget.predict_seconds(cfg, len(run.classes), val_s / val_images,
                                            evaluate.probe_seconds(run.data, run.device))
         print(budget.describe(*at, run.batch * run.world / step_s, run.setup_s, predict_s), flush=True)
-        answer = torch.tensor([plan.steps, plan.minutes, plan.final_s], dtype=torch.float64, device=run.device)
-    steps, minutes, final_s = distributed.from_rank0(answer, run.world).tolist()
-    progress.plan = budget.Plan(int(steps), minutes, final_s, budget.made_for(cfg))
+        answer = torch.tensor([plan.steps, plan.minutes, plan.final_s, plan.deadline], dtype=torch.float64,
+                              device=run.device)
+    steps, minutes, final_s, deadline = distributed.from_rank0(answer, run.world).tolist()
+    progress.plan = budget.Plan(int(steps), minutes, final_s, budget.made_for(cfg), deadline)
 
 
 def check_clock(run, progress, window_s):
     """A safety net for a machine that slows down after the plan: stop where the next log window of window_s seconds
-    and the last validation, grid and checkpoint would no longer fit in the budget, by rank 0's clock."""
-    if not run.cfg["TRAIN_MINUTES"] or progress.plan is None:
+    and the last validation, grid and checkpoint would no longer fit before the plan's deadline, by rank 0's clock."""
+    if progress.plan is None or not progress.plan.deadline:
         return
-    late = progress.elapsed() + window_s + progress.plan.final_s > 60 * progress.plan.minutes
+    late = progress.elapsed() + window_s + progress.plan.final_s > 60 * progress.plan.deadline
     late = distributed.from_rank0(torch.tensor(float(late), device=run.device), run.world)
     if late.item() and not progress.finished() and run.master:
         print(f"notice: training slowed down since the plan: stopping at step {progress.step:,} of "
-              f"{progress.plan.steps:,} to stay inside the plan's {progress.plan.minutes:.1f} minutes")
+              f"{progress.plan.steps:,} to end within {progress.plan.deadline:g} minutes")
     progress.out_of_time = bool(late.item())
 
 

@@ -19,7 +19,7 @@ def plan(**overrides):
 def test_a_step_costs_its_share_of_validations_grids_and_checkpoints():
     """0.5 s a step + 2 s of validation each 10-step epoch + a 4 s grid every 2 epochs + a 1 s checkpoint every 100
     steps = 0.91 s a step; 60 s - 15 s spent - 7 s for the last validation, grid and checkpoint = 38 s: 41 steps."""
-    assert plan() == budget.Plan(61, 1.0, 7.0, (1.0, 0, 0.0))
+    assert plan() == budget.Plan(61, 1.0, 7.0, (1.0, 0, 0.0), 1.0)
 
 
 def test_a_budget_already_spent_plans_no_more_steps():
@@ -31,12 +31,14 @@ def test_the_floor_lengthens_a_budget_that_buys_too_few_steps():
     floored = plan(MIN_STEPS=100)
     assert floored.steps == 100 and floored.minutes == pytest.approx((15 + 80 * 0.91 + 7) / 60)
     assert plan(MIN_STEPS=50).steps == plan().steps == 61  # a floor the budget reaches changes nothing
+    assert plan().deadline == 1.0 and floored.deadline == 0.0  # the clock stops a budget; a floor without limit: never
 
 
 def test_the_limit_caps_the_floor():
     """At most 2 minutes: (120 - 15 - 7) / 0.91 = 107.7, 107 steps more than the 20."""
     capped = plan(MIN_STEPS=1000, MAX_TRAIN_MINUTES=2.0)
-    assert capped.steps == 127 and capped.minutes == 2.0
+    assert capped.steps == 127 and capped.minutes == capped.deadline == 2.0
+    assert plan(MIN_STEPS=100, MAX_TRAIN_MINUTES=2.0).deadline == 2.0  # a slowdown may take the floor up to the limit
     assert plan(MIN_STEPS=1000, MAX_TRAIN_MINUTES=0.5).steps == 61  # a limit below the budget: the budget
 
 

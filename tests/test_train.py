@@ -324,7 +324,8 @@ def test_a_time_budget_becomes_a_plan_that_ends_inside_it(tiny_data, tmp_path, m
     state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
                              "--train-minutes", "0.5")
     assert "plan: this machine trains 8 images/s: 26 steps fill the 0.5-minute budget" in capsys.readouterr().out
-    assert state["plan"] == {"steps": 26, "minutes": 0.5, "final_s": 2.84375, "made_for": (0.5, 0, 0.0)}
+    assert state["plan"] == {"steps": 26, "minutes": 0.5, "final_s": 2.84375, "made_for": (0.5, 0, 0.0),
+                             "deadline": 0.5}
     assert state["step"] == 26 and state["elapsed_s"] == 29.0625
     assert state["guide"]["step"] == 7
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -362,8 +363,21 @@ def test_a_machine_that_slows_down_still_ends_inside_the_budget(tiny_data, tmp_p
     FakeClock(monkeypatch, slow_after=3)
     state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
                              "--train-minutes", "0.5")
-    assert "stopping at step 14 of 26 to stay inside the plan's 0.5 minutes" in capsys.readouterr().out
+    assert "stopping at step 14 of 26 to end within 0.5 minutes" in capsys.readouterr().out
     assert state["step"] == 14 and state["elapsed_s"] == 27.96875
+
+
+@pytest.mark.parametrize("limit, steps", [("2", (40, 80.15625)), ("1", (28, 56.0625))])
+def test_a_slowdown_under_a_floor_costs_time_not_steps(tiny_data, tmp_path, monkeypatch, capsys, limit, steps):
+    """Steps cost 2 s once the plan (40 steps, 43.2 s, for --min-steps 40) is made: the run takes the time it needs,
+    up to MAX_TRAIN_MINUTES: with 2 minutes all 40 steps, at 80.16 s; with 1 the clock stops it at step 28, 56.06 s,
+    where the next window (4 steps, 8 s) and the end (2.84 s) no longer fit in 60 s."""
+    FakeClock(monkeypatch, slow_after=3)
+    state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
+                             "--train-minutes", "0.5", "--min-steps", "40", "--max-train-minutes", limit)
+    assert state["plan"]["steps"] == 40 and state["plan"]["deadline"] == float(limit)
+    assert (state["step"], state["elapsed_s"]) == steps
+    assert ("to end within 1 minutes" in capsys.readouterr().out) == (limit == "1")
 
 
 def test_adam_beta2_reaches_the_optimizer_also_on_resume(tiny_data, tmp_path, monkeypatch):
