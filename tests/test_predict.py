@@ -130,6 +130,18 @@ def test_load_model_rebuilds_network_and_schedule_from_the_checkpoint(tiny_run, 
         assert model.out[2].bias.item() == value
 
 
+def test_a_checkpoint_older_than_a_setting_takes_its_default(tiny_run, tmp_path):
+    """A checkpoint written before LABELS existed still loads its data (for metrics, edits and --inpaint-eval)."""
+    import dataset
+    import predict as p
+    import utils
+    state = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=False)
+    del state["config"]["LABELS"]
+    torch.save(state, tmp_path / "old.pt")
+    cfg = p.load_model(str(tmp_path / "old.pt"), True, torch.device("cpu"))[2]
+    assert cfg["LABELS"] == utils.LABELS and len(dataset.load_data(cfg).val) > 0
+
+
 def test_samples_come_from_the_ema_unless_no_ema(tiny_run, tmp_path):
     """EMA weights that predict x0 = 0.5 give pixels of 191 ((0.5 + 1) / 2 * 255 = 191.25, rounded); the raw
     ones, -0.5, give 64 (63.75)."""
