@@ -19,7 +19,8 @@ import volumes
 from utils import InputError
 
 EDIT_SLICES = 32  # held-out slices edited by default, evenly picked among those of the classes other than the target
-DEPTH = 0.5  # the share of T that counterfactuals are inverted to and effect maps noised to (--depth)
+DEPTH = 1.0  # counterfactuals: the share of T the slices are inverted to (--depth; measured in docs/editing.md)
+ANOMALY_DEPTH = 0.5  # effect maps (--anomaly): the share of T the slices are noised to (--depth)
 ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions are averaged
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
@@ -57,8 +58,10 @@ def target_class(name, classes):
 
 
 def check_depth(depth):
+    """depth, when in (0, 1]."""
     if not 0 < depth <= 1:
         raise InputError(f"--depth must be in (0, 1] (a share of the diffusion steps), got {depth}")
+    return depth
 
 
 def heldout_slices(data, target, count):
@@ -144,15 +147,16 @@ def anomaly_maps(sampling, x, positions, target, depth):
     return effect_map(x.cpu() - torch.stack(recons).mean(0))
 
 
-def run(sampling, slices, target, depth, guidance, anomaly, data, out):
-    """Counterfactuals of the slices toward class `target` (when given) and effect maps (with anomaly): files, the
-    picture, and, where the truth or labels allow, the figures in counterfactual.json. Returns the figures."""
+def run(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
+    """Counterfactuals of the slices toward class `target` (when given; inverted to depth) and effect maps (with an
+    anomaly_depth): files, the picture, and, where the truth or labels allow, the figures in counterfactual.json with
+    the settings (none: {}). Returns them."""
     os.makedirs(os.path.join(out, "edits"), exist_ok=True)
     batch, x, classes = sampling.settings["SAMPLE_BATCH"], slices.images, sampling.classes
     if utils.conditions_of(sampling.cfg)[1] and slices.positions is None:
         print("notice: the input carries no slice heights (a scan, or NAME_slice_K file names): editing with none")
     positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
-    figures, columns = {"depth": depth, "guidance": guidance, "slices": len(x)}, {"input": x}
+    figures, columns = {}, {"input": x}
     region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without atrophy
     if target is not None:
         targets = torch.full((len(x),), target, dtype=torch.long)
@@ -172,8 +176,8 @@ def run(sampling, slices, target, depth, guidance, anomaly, data, out):
             figures.update(evaluate.map_scores("counterfactual", effect_map(cf - x), slices.masks, region))
             baseline = effect_map(x - evaluate.mean_by_height(data, target, slices.positions))
             figures.update(evaluate.map_scores("baseline", baseline, slices.masks, region))
-    if anomaly:
-        maps = in_batches(lambda *b: anomaly_maps(sampling, *b, target, depth), batch, x, positions)
+    if anomaly_depth is not None:
+        maps = in_batches(lambda *b: anomaly_maps(sampling, *b, target, anomaly_depth), batch, x, positions)
         columns["effect map"] = maps
         for name, image in zip(slices.names, maps):
             utils.save_png(image.clamp(0, 1) * 2 - 1, os.path.join(out, "edits", f"{name}_effect.png"))
@@ -186,8 +190,10 @@ def run(sampling, slices, target, depth, guidance, anomaly, data, out):
         columns.update({"healthy twin (truth)": slices.twins, "atrophy (truth)": slices.masks.float() * 2 - 1})
     pictures.save_edits(columns, slices.names, os.path.join(out, "counterfactual.png"),
                         f"to {classes[target]}, depth {depth:g}, guidance {guidance:g}" if target is not None else
-                        f"effect maps, depth {depth:g}")
-    if len(figures) > 3:
+                        f"effect maps, depth {anomaly_depth:g}")
+    if figures:
+        figures = {"depth": depth if target is not None else None, "guidance": guidance, "anomaly_depth": anomaly_depth,
+                   "slices": len(x), **figures}
         with open(os.path.join(out, "counterfactual.json"), "w") as f:
             json.dump(figures, f, indent=2)
     return figures

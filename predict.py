@@ -75,10 +75,11 @@ def parse_settings():
                              "on the real held-out slices")
     parser.add_argument("--to-label", metavar="NAME", help="instead, counterfactuals: the slices (--input, or held-out "
                         "ones of the other classes) as this class (a name, an index, or healthy: NC, CN, ...)")
-    parser.add_argument("--anomaly", action="store_true", help="instead, effect maps: each slice noised to --depth and "
+    parser.add_argument("--anomaly", action="store_true", help="instead, effect maps: each slice noised part way and "
                         "reconstructed (toward --to-label's class, if given); where they differ")
-    parser.add_argument("--depth", type=float, default=edit.DEPTH, help="--to-label, --anomaly: how far into the "
-                        "diffusion the slices are taken, a share of its steps in (0, 1]")
+    parser.add_argument("--depth", type=float, help="--to-label, --anomaly: how far into the diffusion the slices are "
+                        f"taken, a share of its steps in (0, 1] (default: {edit.DEPTH:g} for counterfactuals, "
+                        f"{edit.ANOMALY_DEPTH:g} for effect maps)")
     parser.add_argument("--mask", help="instead, inpainting of --input where the mask is white: box:X0,Y0,X1,Y1 "
                         "(fractions of the image), one mask image, or a folder of masks named like the slices")
     parser.add_argument("--resample", type=int, default=edit.RESAMPLE, help="inpainting: RePaint's passes over each "
@@ -300,7 +301,8 @@ def load_heldout(sampling):
 
 def edit_slices(sampling, args, out):
     """--to-label, --anomaly: counterfactuals and effect maps of the given slices or of held-out ones."""
-    edit.check_depth(args.depth)
+    depth = edit.DEPTH if args.depth is None else edit.check_depth(args.depth)
+    anomaly_depth = (edit.ANOMALY_DEPTH if args.depth is None else args.depth) if args.anomaly else None
     target = None if args.to_label is None else edit.target_class(args.to_label, sampling.classes)
     if args.to_label is not None and target is None:
         print(f"notice: --to-label healthy: none of this model's classes ({', '.join(sampling.classes)}) is a control "
@@ -311,10 +313,11 @@ def edit_slices(sampling, args, out):
     slices = (edit.given_slices(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else
               edit.heldout_slices(data, target, edit.EDIT_SLICES))
     print(f"editing {len(slices.images)} slices" + (f" into {sampling.classes[target]}" if target is not None else "")
-          + (", effect maps" if args.anomaly else "") + f", depth {args.depth:g}, guidance {sampling.settings['GUIDANCE']:g}")
-    figures = edit.run(sampling, slices, target, args.depth, sampling.settings["GUIDANCE"], args.anomaly,
+          + (f" (depth {depth:g}, guidance {sampling.settings['GUIDANCE']:g})" if target is not None else "")
+          + (f", effect maps (depth {anomaly_depth:g})" if args.anomaly else ""))
+    figures = edit.run(sampling, slices, target, depth, sampling.settings["GUIDANCE"], anomaly_depth,
                        data if args.input is None else None, out)
-    print(f"-> {out}/counterfactual.png, {out}/edits/" + (f", {out}/counterfactual.json" if len(figures) > 3 else ""))
+    print(f"-> {out}/counterfactual.png, {out}/edits/" + (f", {out}/counterfactual.json" if figures else ""))
     print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}" for k, v in figures.items()))
 
 

@@ -74,6 +74,7 @@ def test_predict_writes_counterfactuals_and_their_figures(toy_run, tmp_path):
     out = os.path.join(toy_run, "predict")
     figures = json.load(open(os.path.join(out, "counterfactual.json")))
     assert figures["slices"] == 12 and 0 <= figures["effectiveness"] <= 1 and figures["round_trip_change"] > 0
+    assert (figures["depth"], figures["anomaly_depth"]) == (edit.DEPTH, edit.ANOMALY_DEPTH)  # each method's own
     assert os.path.getsize(os.path.join(out, "counterfactual.png")) > 0
     assert len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith("_to_NC.png")]) == 12
     assert len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith("_effect.png")]) == 12
