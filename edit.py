@@ -20,7 +20,7 @@ from utils import InputError
 
 EDIT_SLICES = 32  # held-out slices edited by default, evenly picked among those of the classes other than the target
 DEPTH = 1.0  # counterfactuals: the share of T the slices are inverted to (--depth; measured in docs/editing.md)
-ANOMALY_DEPTH = 0.5  # effect maps (--anomaly): the share of T the slices are noised to (--depth)
+ANOMALY_DEPTH = 0.7  # effect maps (--anomaly): the share of T the slices are noised to (--depth; docs/editing.md)
 ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions are averaged
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
