@@ -62,6 +62,12 @@ def save_stack(slices, path, pixel_mm, step_mm):
                  path)
 
 
+def row_label(name, longest=18):
+    """A slice's name as a row label: its file name without extensions, its end kept where it is long."""
+    label = os.path.basename(str(name)).split(".")[0] + (f":{str(name).rsplit(':', 1)[1]}" if ":" in str(name) else "")
+    return label if len(label) <= longest else "..." + label[-(longest - 3):]
+
+
 def save_edits(columns, names, path, title, rows=8, outlines=None):
     """counterfactual.png: a row a slice (up to `rows`, evenly picked), a column each of `columns` ({name: [-1, 1]
     images}): 'difference' (signed, counterfactual - input) as a diverging colour overlay on the input and 'effect
@@ -93,7 +99,7 @@ def save_edits(columns, names, path, title, rows=8, outlines=None):
             if r == 0:
                 ax.set_title(key, fontsize=8)
             if c == 0:
-                ax.set_ylabel(os.path.basename(str(names[i]))[:14], fontsize=7)
+                ax.set_ylabel(row_label(names[i]), fontsize=7)
     for c, image in shown.items():
         bar = fig.colorbar(image, ax=list(axes[:, c]), shrink=0.5, aspect=30)
         bar.ax.tick_params(labelsize=6)

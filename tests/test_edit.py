@@ -175,3 +175,9 @@ def test_healthy_names_the_control_class_whatever_it_is_called():
     assert edit.target_class("healthy", ["tumour", "normal"]) == 1
     assert edit.target_class("healthy", ["cat", "dog"]) is None  # predict.py says so and edits nothing
     assert edit.target_class("0", ["AD", "NC"]) == 0
+
+
+def test_row_labels_keep_the_slice_number():
+    import pictures
+    assert pictures.row_label("data/x/case_105_slice_17.nii.png") == "case_105_slice_17"
+    assert pictures.row_label("scans/sub-01_ses-01_T1w.nii.gz:12") == "...1_ses-01_T1w:12"
