@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+import utils
 from utils import InputError
 
 # what a checkpoint must hold to be resumed from (best.pt, for one, has no optimizer)
@@ -79,6 +80,7 @@ def load_checkpoint(path, advice="delete it or pass another --checkpoint"):
     if "CONDITION" not in state["config"]:  # written before CONDITION: CONDITIONAL=True meant class conditioning
         state["config"]["CONDITION"] = "class" if state["config"].pop("CONDITIONAL", False) else "none"
     state["config"].setdefault("PATCH_SIZE", 1)  # written before PATCH_SIZE: no pixels were folded
+    state["config"] = {**utils.constants(), **state["config"]}  # settings added since it was written: their defaults
     return state
 
 

@@ -78,7 +78,7 @@ def heldout_slices(data, target, count):
         if all(i in where for i in pick.tolist()):  # the labelled demo: every non-NC slice has its truth
             rows = torch.tensor([where[i] for i in pick.tolist()])
             twins, masks = truth[1][rows].float() / 127.5 - 1, truth[2][rows]
-    return Slices(data.val[pick].float() / 127.5 - 1, [stem(data.val_names[i]) for i in pick.tolist()],
+    return Slices(data.val[pick].float() / 127.5 - 1, [pictures.stem(data.val_names[i]) for i in pick.tolist()],
                   None if labels is None else labels[pick],
                   None if data.val_positions is None else data.val_positions[pick], twins, masks)
 
@@ -95,12 +95,7 @@ def given_slices(path, size):
         return Slices(images[:, None].float() / 127.5 - 1, names, positions=positions, scan=path)
     images, names = dataset.read_folder(path, size, with_names=True)
     positions = dataset.slice_positions(names, "folder")[0]
-    return Slices(images.float() / 127.5 - 1, [stem(n) for n in names], positions=positions)
-
-
-def stem(name):
-    """A slice's name for the files made from it: its file's name without folder and extension (a scan's: NAME_K)."""
-    return os.path.basename(name).split(".")[0] + (f"_{name.rsplit(':', 1)[1]}" if ":" in name else "")
+    return Slices(images.float() / 127.5 - 1, [pictures.stem(n) for n in names], positions=positions)
 
 
 def in_batches(function, batch, *tensors):
@@ -259,7 +254,7 @@ def read_masks(spec, names, size):
     elif os.path.isfile(spec):
         masks = read_mask(spec, size, said).expand(len(names), -1, -1, -1)
     elif os.path.isdir(spec):
-        found = {stem(p): p for p in dataset.list_images(spec)}
+        found = {pictures.stem(p): p for p in dataset.list_images(spec)}
         if missing := [n for n in names if n not in found]:
             raise InputError(f"no mask for {missing[0]} in {utils.show_path(spec)} (masks pair with slices by file "
                              f"name): add one, or give one mask file for all")

@@ -62,9 +62,15 @@ def save_stack(slices, path, pixel_mm, step_mm):
                  path)
 
 
+def stem(name, sep="_"):
+    """A slice's name for what is made from it: its file's name without folder and extensions (a scan's slice K:
+    NAME, sep, K)."""
+    return os.path.basename(name).split(".")[0] + (f"{sep}{name.rsplit(':', 1)[1]}" if ":" in name else "")
+
+
 def row_label(name, longest=18):
-    """A slice's name as a row label: its file name without extensions, its end kept where it is long."""
-    label = os.path.basename(str(name)).split(".")[0] + (f":{str(name).rsplit(':', 1)[1]}" if ":" in str(name) else "")
+    """A slice's name as a row label: its stem, its end kept where it is long."""
+    label = stem(str(name), ":")
     return label if len(label) <= longest else "..." + label[-(longest - 3):]
 
 

@@ -39,8 +39,7 @@ def load_model(path, use_ema, device, bf16=False):
     autoguidance uses as {"step", "model"} (None when the checkpoint has none); in the memory format for bf16 or
     fp32 sampling on device."""
     state = checkpoints.load_checkpoint(path)
-    cfg = {**utils.constants(), **state["config"]}  # settings added since it was written: their defaults
-    classes, snapshot = state.get("classes", []), state.get("guide")
+    cfg, classes, snapshot = state["config"], state.get("classes", []), state.get("guide")
 
     def network(weights):
         try:
