@@ -1,21 +1,27 @@
-"""Ask about a brain you hold: the same slice under another class (a counterfactual: DDIM inversion, then guided
-decoding), effect maps of where a slice differs from what the model calls healthy, and a region filled anew with
-anatomy that fits the rest (inpainting, RePaint); for your slices or scan, or for held-out slices, measured against
-what was there and the labelled demo's truth. predict.py calls these with --to-label, --anomaly, --mask and
---inpaint-eval."""
+"""Ask about slices you hold, with a trained model: the same slice under another class (a counterfactual: DDIM
+inversion, then guided decoding), effect maps of where a slice differs from what the model calls healthy, and a
+region filled anew with anatomy that fits the rest (inpainting, RePaint); for your slices or scan, or for held-out
+slices, measured against what was there and the labelled demo's truth.
+
+    python edit.py --to-label healthy --anomaly          # held-out AD slices without the disease, and where it was
+    python edit.py --to-label NC --input scan.nii.gz     # your scan's slices as NC, and a counterfactual.nii.gz
+    python edit.py --input my_slices/ --mask box:0.3,0.3,0.6,0.6   # fill a box (or --mask masks/: one per slice)
+    python edit.py --inpaint-eval                        # inpainting measured against what was there
+"""
 import json
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
 import dataset
-import evaluate
+import edit_scores
+import inpainting
 import pictures
 import utils
 import volumes
+from predict import Sampling, load_heldout, open_checkpoint, sampling_parser
 from utils import InputError
 
 EDIT_SLICES = 32  # held-out slices edited by default, evenly picked among those of the classes other than the target
@@ -25,8 +31,9 @@ ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions 
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
 SCAN_SLICE_MM = 1.0  # counterfactual.nii.gz from a scan: nominal millimetres per pixel and per slice
-RESAMPLE = 10  # inpainting (--resample): passes over each stretch of steps (RePaint's r; 1: no resampling)
-JUMP = 5  # inpainting (--jump): sampler steps noised back up at a time (RePaint's j)
+BRAIN_LEVEL = 12  # a held-out slice with no pixel above this (of 255) is blank: no brain to fill a box in
+EDITS = ("counterfactual.png", "counterfactual.json", "counterfactual.nii.gz", "effect_map.nii.gz", "edits/*.png")
+FILLS = ("inpaint.png", "inpaint.json", "inpaint/*.png")  # a run's output sets, each replaced as a whole
 
 
 @dataclass
@@ -57,20 +64,17 @@ def target_class(name, classes):
                      f"{len(classes) - 1}, or healthy)")
 
 
-def check_depth(depth):
-    """depth, when in (0, 1]."""
-    if not 0 < depth <= 1:
-        raise InputError(f"--depth must be in (0, 1] (a share of the diffusion steps), got {depth}")
-    return depth
-
-
-def heldout_slices(data, target, count):
-    """`count` held-out slices of the classes other than target (any, with no target or no classes), evenly picked,
-    with their labels, positions and, for the labelled demo, the truth."""
+def heldout_slices(data, target, count, with_brain=False):
+    """`count` held-out slices of the classes other than target (any, with no target or no classes), evenly picked
+    (with_brain: among those that are not blank), with their labels, positions and, for the labelled demo, the
+    truth."""
     labels = data.val_labels if data.val_labels is not None and target is not None else None
     others = torch.arange(len(data.val)) if labels is None else torch.nonzero(labels != target)[:, 0]
+    if with_brain:
+        others = others[(data.val[others] > BRAIN_LEVEL).flatten(1).any(1)]
     if not len(others):
-        raise InputError("the held-out split has no slices of another class to edit: pass --input")
+        raise InputError(f"the held-out split has no {'non-blank ' if with_brain else ''}slices "
+                         f"{'' if labels is None else 'of another class '}to edit: pass --input")
     pick = others[torch.linspace(0, len(others) - 1, min(count, len(others))).round().long()]
     twins = masks = None
     if (truth := dataset.read_truth(data)) is not None:
@@ -78,7 +82,7 @@ def heldout_slices(data, target, count):
         if all(i in where for i in pick.tolist()):  # the labelled demo: every non-NC slice has its truth
             rows = torch.tensor([where[i] for i in pick.tolist()])
             twins, masks = truth[1][rows].float() / 127.5 - 1, truth[2][rows]
-    return Slices(data.val[pick].float() / 127.5 - 1, [pictures.stem(data.val_names[i]) for i in pick.tolist()],
+    return Slices(data.val[pick].float() / 127.5 - 1, [pictures.slice_name(data.val_names[i]) for i in pick.tolist()],
                   None if labels is None else labels[pick],
                   None if data.val_positions is None else data.val_positions[pick], twins, masks)
 
@@ -93,17 +97,18 @@ def given_slices(path, size):
             raise InputError(f"cannot read the scan {utils.show_path(path)} ({str(e).splitlines()[0]})") from None
         names = [f"slice_{k:03d}" for k in range(len(images))]
         return Slices(images[:, None].float() / 127.5 - 1, names, positions=positions, scan=path)
-    images, names = dataset.read_folder(path, size, with_names=True)
-    positions = dataset.slice_positions(names, "folder")[0]
-    return Slices(images.float() / 127.5 - 1, [pictures.stem(n) for n in names], positions=positions)
+    images, paths = dataset.read_folder(path, size, with_names=True)
+    positions = dataset.slice_positions(paths, "folder")[0]
+    return Slices(images.float() / 127.5 - 1, unique_names(paths, path), positions=positions)
 
 
-def in_batches(function, batch, *tensors):
-    """function over consecutive batches of the tensors (None stays None), the results concatenated."""
-    n, parts = len(tensors[0]), []
-    for i in range(0, n, batch):
-        parts.append(function(*(None if t is None else t[i:i + batch] for t in tensors)))
-    return [torch.cat(p) for p in zip(*parts)] if isinstance(parts[0], tuple) else torch.cat(parts)
+def unique_names(paths, root):
+    """A name per file for what is made from it: its stem, or where stems repeat (AD/s_1.png, NC/s_1.png), its path
+    under root with the folders joined by '_'."""
+    names = [pictures.slice_name(p) for p in paths]
+    if len(set(names)) == len(names) or os.path.isfile(root):
+        return names
+    return [pictures.slice_name(os.path.relpath(p, root).replace(os.sep, "_")) for p in paths]
 
 
 def counterfactual(sampling, x, sources, positions, targets, depth, guidance):
@@ -142,12 +147,13 @@ def anomaly_maps(sampling, x, positions, target, depth):
     return effect_map(x.cpu() - torch.stack(recons).mean(0))
 
 
-def run(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
+def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
     """Counterfactuals of the slices toward class `target` (when given; inverted to depth) and effect maps (with an
     anomaly_depth): files, the picture, and, where the truth or labels allow, the figures in counterfactual.json with
     the settings (none: {}). Returns them."""
+    utils.fresh_folder(out, EDITS)  # this run's set replaces the last one's whole
     os.makedirs(os.path.join(out, "edits"), exist_ok=True)
-    batch, x, classes = sampling.settings["SAMPLE_BATCH"], slices.images, sampling.classes
+    batch, x, classes = sampling.settings["SAMPLE_BATCH"], slices.images, sampling.class_names
     if utils.conditions_of(sampling.cfg)[1] and slices.positions is None:
         print("notice: the input carries no slice heights (a scan, or NAME_slice_K file names): editing with none")
     positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
@@ -155,7 +161,7 @@ def run(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
     region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without atrophy
     if target is not None:
         targets = torch.full((len(x),), target, dtype=torch.long)
-        cf, null = in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, x, slices.labels,
+        cf, null = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, x, slices.labels,
                               positions, targets)
         columns.update({"counterfactual": cf, "difference": cf - x})
         for name, image, change in zip(slices.names, cf, effect_map(cf - x)):
@@ -164,15 +170,15 @@ def run(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
         if slices.scan:
             pictures.save_stack(cf, os.path.join(out, "counterfactual.nii.gz"), SCAN_SLICE_MM, SCAN_SLICE_MM)
         if slices.labels is not None:
-            figures.update(evaluate.effectiveness(x, cf, target, data, sampling.device))
+            figures.update(edit_scores.effectiveness(x, cf, target, data, sampling.device))
             figures.update(round_trips(sampling, slices, positions, cf, null, target, depth, guidance, data))
         if region is not None:
-            figures.update(evaluate.truth_scores(x, cf, null, slices.twins, slices.masks, region))
-            figures.update(evaluate.map_scores("counterfactual", effect_map(cf - x), slices.masks, region))
-            baseline = effect_map(x - evaluate.mean_by_height(data, target, slices.positions))
-            figures.update(evaluate.map_scores("baseline", baseline, slices.masks, region))
+            figures.update(edit_scores.truth_scores(x, cf, null, slices.twins, slices.masks, region))
+            figures.update(edit_scores.map_scores("counterfactual", effect_map(cf - x), slices.masks, region))
+            baseline = effect_map(x - edit_scores.mean_by_height(data, target, slices.positions))
+            figures.update(edit_scores.map_scores("baseline", baseline, slices.masks, region))
     if anomaly_depth is not None:
-        maps = in_batches(lambda *b: anomaly_maps(sampling, *b, target, anomaly_depth), batch, x, positions)
+        maps = utils.in_batches(lambda *b: anomaly_maps(sampling, *b, target, anomaly_depth), batch, x, positions)
         columns["effect map"] = maps
         for name, image in zip(slices.names, maps):
             utils.save_png(image.clamp(0, 1) * 2 - 1, os.path.join(out, "edits", f"{name}_effect.png"))
@@ -180,7 +186,7 @@ def run(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
             pictures.save_stack(maps.clamp(0, 1) * 2 - 1, os.path.join(out, "effect_map.nii.gz"), SCAN_SLICE_MM,
                                 SCAN_SLICE_MM)
         if region is not None:
-            figures.update(evaluate.map_scores("anomaly", maps, slices.masks, region))
+            figures.update(edit_scores.map_scores("anomaly", maps, slices.masks, region))
     if slices.twins is not None:
         columns.update({"healthy twin (truth)": slices.twins, "atrophy (truth)": slices.masks.float() * 2 - 1})
     pictures.save_edits(columns, slices.names, os.path.join(out, "counterfactual.png"),
@@ -199,146 +205,43 @@ def round_trips(sampling, slices, positions, cf, null, target, depth, guidance, 
     the target class asked to stay in it, against their null intervention (mean absolute changes, [-1, 1] scale)."""
     batch, x = sampling.settings["SAMPLE_BATCH"], slices.images
     targets = torch.full((len(x),), target, dtype=torch.long)
-    back, _ = in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, cf, targets, positions,
+    back, _ = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, cf, targets, positions,
                          slices.labels)
     staying = torch.nonzero(data.val_labels == target)[:, 0]
     staying = staying[torch.linspace(0, len(staying) - 1, min(len(x), len(staying))).round().long()]
     own = data.val[staying].float() / 127.5 - 1
-    kept, kept_null = in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, own,
+    kept, kept_null = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, own,
                                  data.val_labels[staying], None if positions is None else data.val_positions[staying],
                                  data.val_labels[staying])
     return {"round_trip_change": (back - x).abs().mean().item(), "null_change": (null - x).abs().mean().item(),
             "stay_change": (kept - own).abs().mean().item(), "stay_null_change": (kept_null - own).abs().mean().item()}
 
 
-# ---------------------------------------------------------------- inpainting (RePaint)
-def parse_box(spec):
-    """(x0, y0, x1, y1) from box:X0,Y0,X1,Y1, fractions of the image's width and height."""
-    try:
-        x0, y0, x1, y1 = (float(v) for v in spec[4:].split(","))
-    except ValueError:
-        x0 = y0 = x1 = y1 = -1.0
-    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise InputError(f"--mask {spec}: give box:X0,Y0,X1,Y1, fractions of the image with X0 < X1 and Y0 < Y1")
-    return x0, y0, x1, y1
-
-
-def read_mask(path, size, said):
-    """One mask file as bool 1 x S x S (white: fill); resized and thresholded at half, with a notice once each."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            mask = image.convert("L")
-    except (OSError, UnidentifiedImageError):
-        raise InputError(f"{utils.show_path(path)} is not a mask image PIL can read: pass a black-and-white image") \
-            from None
-    if mask.size != (size, size):
-        said.add(f"notice: masks resized to the model's {size}x{size} (the first was {mask.size[0]}x{mask.size[1]})")
-        mask = mask.resize((size, size), Image.NEAREST)
-    values = torch.from_numpy(np.asarray(mask).copy())
-    if not torch.isin(values, torch.tensor([0, 255], dtype=values.dtype)).all():
-        said.add("notice: masks that are not black and white are thresholded at half grey")
-    return (values >= 128)[None]
-
-
-def read_masks(spec, names, size):
-    """--mask: a box (box:X0,Y0,X1,Y1), one mask image for all the slices, or a folder of masks paired with the
-    slices by file name; white is filled. Returns bool N x 1 x S x S."""
-    said = set()
-    if spec.startswith("box:"):
-        x0, y0, x1, y1 = parse_box(spec)
-        mask = torch.zeros(1, size, size, dtype=torch.bool)
-        mask[:, round(y0 * size):max(round(y1 * size), round(y0 * size) + 1),
-             round(x0 * size):max(round(x1 * size), round(x0 * size) + 1)] = True
-        masks = mask.expand(len(names), -1, -1, -1)
-    elif os.path.isfile(spec):
-        masks = read_mask(spec, size, said).expand(len(names), -1, -1, -1)
-    elif os.path.isdir(spec):
-        found = {pictures.stem(p): p for p in dataset.list_images(spec)}
-        if missing := [n for n in names if n not in found]:
-            raise InputError(f"no mask for {missing[0]} in {utils.show_path(spec)} (masks pair with slices by file "
-                             f"name): add one, or give one mask file for all")
-        if unused := sorted(set(found) - set(names)):
-            raise InputError(f"the mask {utils.show_path(found[unused[0]])} has no slice of its name in --input")
-        masks = torch.stack([read_mask(found[n], size, said) for n in names])
-    else:
-        raise InputError(f"--mask {spec} is neither box:X0,Y0,X1,Y1 nor a mask image or folder")
-    for line in sorted(said):
-        print(line)
-    return masks.clone()
-
-
-def inpaint(sampling, x, fill, labels, positions, resample, jump):
-    """RePaint with the run's sampler, guidance and autoguidance: x ([-1, 1]) with the `fill` pixels drawn anew."""
-    s, device = sampling.settings, sampling.device
-    gen = torch.Generator(device=device).manual_seed(s["SEED"])
-    return sampling.schedule.inpaint(sampling.denoiser(labels, positions), x.to(device), fill.to(device),
-                                     s["SAMPLER"], s["SAMPLE_STEPS"], resample, jump, s["DDIM_ETA"], gen,
-                                     spacing=s["STEP_SPACING"]).cpu()
-
-
-def fill_slices(sampling, slices, masks, labels, resample, jump, out):
-    """Inpaint each slice where its mask is white; files, and inpaint.png (input with the mask outlined, the result).
-    Slices with an empty mask come back as they are, said once. Returns the results."""
-    empty = ~masks.flatten(1).any(1)
-    if empty.any():
-        print(f"notice: {int(empty.sum())} of the masks are empty: those slices come back unchanged")
-    positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
-    results = in_batches(lambda *b: inpaint(sampling, *b, resample, jump), sampling.settings["SAMPLE_BATCH"],
-                         slices.images, masks, labels, positions)
-    results[empty] = slices.images[empty]
-    os.makedirs(os.path.join(out, "inpaint"), exist_ok=True)
-    for name, image in zip(slices.names, results):
-        utils.save_png(image, os.path.join(out, "inpaint", f"{name}_filled.png"))
-    pictures.save_edits({"input, mask outlined": slices.images, "filled": results}, slices.names, os.path.join(out, "inpaint.png"),
-                        f"inpainting (RePaint, {resample} passes, jumps of {jump})", outlines=masks)
-    return results
-
-
-def random_boxes(images, seed, share=(0.10, 0.25), tries=100):
-    """A box per [-1, 1] slice covering a random share (in `share`) of its brain (the pixels above -0.9), centred on
-    a brain pixel, of a random aspect from 3:4 to 4:3."""
-    gen, size = torch.Generator().manual_seed(seed), images.shape[-1]
-    masks = torch.zeros(images.shape, dtype=torch.bool)
-    for mask, brain in zip(masks, images > -0.9):
-        cells = torch.nonzero(brain[0])
-        for _ in range(tries):
-            target = share[0] + (share[1] - share[0]) * torch.rand((), generator=gen).item()
-            aspect = 0.75 + (4 / 3 - 0.75) * torch.rand((), generator=gen).item()
-            cy, cx = cells[torch.randint(len(cells), (), generator=gen)].tolist()
-            h = max(1, round((target * len(cells) * aspect) ** 0.5))
-            w = max(1, round(target * len(cells) / h))
-            box = torch.zeros(size, size, dtype=torch.bool)
-            box[max(0, cy - h // 2):cy - h // 2 + h, max(0, cx - w // 2):cx - w // 2 + w] = True
-            if share[0] <= (box & brain[0]).sum() / len(cells) <= share[1]:
-                mask[0] = box
-                break
-    return masks
-
-
+# ---------------------------------------------------------------- inpainting measured
 def inpaint_eval(sampling, data, resample, jump, out):
     """--inpaint-eval: held-out slices filled in random boxes over 10-25% of their brain, against what was there; and
     on the labelled demo, the 'AD' slices' atrophy filled with the control class, against their healthy twins.
     Inside the masks: RePaint as asked, beside RePaint without resampling, scikit-image's biharmonic fill and the mean
     training slice of the same height; and the seams. inpaint.json and inpaint.png (the boxes). Returns the figures."""
-    healthy = target_class("healthy", sampling.classes) if sampling.classes else None
+    healthy = target_class("healthy", sampling.class_names) if sampling.class_names else None
     batch, by_slice = sampling.settings["SAMPLE_BATCH"], utils.conditions_of(sampling.cfg)[1]
-    boxes = heldout_slices(data, None, EDIT_SLICES)
-    cases = {"boxes": (boxes, random_boxes(boxes.images, sampling.settings["SEED"]), boxes.images, boxes.labels)}
+    boxes = heldout_slices(data, None, EDIT_SLICES, with_brain=True)
+    cases = {"boxes": (boxes, inpainting.random_boxes(boxes.images, sampling.settings["SEED"]), boxes.images,
+                       boxes.labels)}
     if healthy is not None and (atrophy := heldout_slices(data, healthy, EDIT_SLICES)).twins is not None:
         cases["atrophy"] = (atrophy, atrophy.masks, atrophy.twins, torch.full((len(atrophy.images),), healthy))
     figures = {"resample": resample, "jump": jump}
-    os.makedirs(out, exist_ok=True)
+    utils.fresh_folder(out, FILLS)  # this run's set replaces the last one's whole
     for case, (slices, masks, truth, labels) in cases.items():
-        labels, positions = labels if sampling.classes else None, slices.positions if by_slice else None
-        fill = lambda r, j: in_batches(lambda *b: inpaint(sampling, *b, r, j), batch, slices.images,  # noqa: E731
-                                       masks, labels, positions)
-        mean = evaluate.mean_by_height(data, None if labels is None else int(labels[0]), slices.positions)
+        labels, positions = labels if sampling.class_names else None, slices.positions if by_slice else None
+        fill = lambda r, j: utils.in_batches(lambda *b: inpainting.repaint(sampling, *b, r, j),  # noqa: E731
+                                             batch, slices.images, masks, labels, positions)
+        mean = edit_scores.mean_by_height(data, None if labels is None else int(labels[0]), slices.positions)
         fills = {"repaint": fill(resample, jump), "no_resampling": fill(1, 1),
-                 "biharmonic": evaluate.biharmonic_fill(slices.images, masks),
+                 "biharmonic": inpainting.biharmonic_fill(slices.images, masks),
                  "height_mean": torch.where(masks, mean, slices.images)}
         figures[case] = {"slices": len(masks), "mask_share": masks.float().mean().item(),
-                         **{name: evaluate.fill_scores(f, truth, masks) for name, f in fills.items()}}
+                         **{name: inpainting.fill_scores(f, truth, masks) for name, f in fills.items()}}
         if case == "boxes":
             pictures.save_edits({"input, mask outlined": slices.images, "filled": fills["repaint"], "original": truth},
                                 slices.names, os.path.join(out, "inpaint.png"),
@@ -346,3 +249,95 @@ def inpaint_eval(sampling, data, resample, jump, out):
     with open(os.path.join(out, "inpaint.json"), "w") as f:
         json.dump(figures, f, indent=2)
     return figures
+
+
+# ---------------------------------------------------------------- what the user asks for
+def parse_settings(argv=None):
+    """The run's settings and edit.py's own flags, each checked, incompatible ones refused together."""
+    parser = sampling_parser(__doc__)
+    parser.add_argument("--input", help="your slices: an image, a folder of images, or a scan (default: held-out "
+                                        "slices)")
+    parser.add_argument("--to-label", metavar="NAME", help="counterfactuals: the slices (--input, or held-out ones of "
+                        "the other classes) as this class (a name, an index, or healthy: NC, CN, ...)")
+    parser.add_argument("--anomaly", action="store_true", help="effect maps: each slice noised part way and "
+                        "reconstructed (toward --to-label's class, if given); where they differ")
+    parser.add_argument("--depth", type=float, help="--to-label, --anomaly: how far into the diffusion the slices are "
+                        f"taken, a share of its steps in (0, 1] (default: {DEPTH:g} for counterfactuals, "
+                        f"{ANOMALY_DEPTH:g} for effect maps)")
+    parser.add_argument("--mask", help="inpainting of --input where the mask is white: box:X0,Y0,X1,Y1 (fractions of "
+                        "the image), one mask image, or a folder of masks named like the slices")
+    parser.add_argument("--resample", type=int, default=inpainting.RESAMPLE, help="inpainting: RePaint's passes over "
+                        "each stretch of steps (1: none)")
+    parser.add_argument("--jump", type=int, default=inpainting.JUMP, help="inpainting: steps noised back up at a time")
+    parser.add_argument("--inpaint-eval", action="store_true", help="measure inpainting on held-out slices (random "
+                        "boxes; the labelled demo's atrophy) beside simpler fills: inpaint.json")
+    settings, args = utils.parse_settings(parser, argv)
+    editing = args.to_label is not None or args.anomaly
+    if not (editing or args.mask or args.inpaint_eval):
+        raise InputError("say what to do: --to-label NAME (counterfactuals), --anomaly (effect maps), --mask SPEC "
+                         "--input SLICES (inpainting) or --inpaint-eval (see python edit.py --help)")
+    if args.inpaint_eval and (editing or args.mask or args.input):
+        raise InputError("--inpaint-eval measures on held-out slices with masks of its own: run it without --to-label, "
+                         "--anomaly, --mask and --input (python edit.py --inpaint-eval)")
+    if args.mask and editing:
+        raise InputError("--mask fills; --to-label and --anomaly edit: run them one at a time (python edit.py --mask "
+                         "SPEC --input SLICES, then python edit.py --to-label NAME --input SLICES)")
+    if args.mask and args.input is None:
+        raise InputError("--mask needs the slices to fill: pass --input IMAGE_OR_FOLDER (or a scan)")
+    if args.depth is not None and not 0 < args.depth <= 1:
+        raise InputError(f"--depth must be in (0, 1] (a share of the diffusion steps), got {args.depth}")
+    if args.resample < 1 or args.jump < 1:
+        raise InputError(f"--resample and --jump must be 1 or more, got {args.resample} and {args.jump}")
+    return settings, args
+
+
+def edit_slices(sampling: Sampling, args, out):
+    """--to-label, --anomaly: counterfactuals and effect maps of the given slices or of held-out ones."""
+    depth = DEPTH if args.depth is None else args.depth
+    anomaly_depth = (ANOMALY_DEPTH if args.depth is None else args.depth) if args.anomaly else None
+    target = None if args.to_label is None else target_class(args.to_label, sampling.class_names)
+    if args.to_label is not None and target is None:
+        print(f"notice: --to-label healthy: none of this model's classes ({', '.join(sampling.class_names)}) is a "
+              f"control group: no counterfactuals (--to-label NAME picks one)")
+        if not args.anomaly:
+            return
+    data = load_heldout(sampling) if args.input is None else None
+    slices = (given_slices(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else
+              heldout_slices(data, target, EDIT_SLICES))
+    guidance = sampling.settings["GUIDANCE"]
+    print(f"editing {len(slices.images)} slices" + (f" into {sampling.class_names[target]} (depth {depth:g}, "
+                                                    f"guidance {guidance:g})" if target is not None else "")
+          + (f", effect maps (depth {anomaly_depth:g})" if args.anomaly else ""))
+    figures = edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, data, out)
+    print(f"-> {out}/counterfactual.png, {out}/edits/" + (f", {out}/counterfactual.json" if figures else ""))
+    print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}" for k, v in figures.items()))
+
+
+def fill_given(sampling: Sampling, args, out):
+    """--mask: inpaint the given slices where the mask is white."""
+    size = sampling.cfg["IMAGE_SIZE"]
+    slices = given_slices(args.input, size)
+    masks = inpainting.read_masks(args.mask, slices.names, size)
+    if args.slice_position is not None:
+        slices.positions = torch.full((len(masks),), sampling.positions[0])
+    labels = torch.full((len(masks),), sampling.labels[0]) if args.label not in (None, "all") else None
+    inpainting.fill_and_save(sampling, slices, masks, labels, args.resample, args.jump, out, FILLS)
+    print(f"filled {len(masks)} slices -> {out}/inpaint.png, {out}/inpaint/")
+
+
+def main():
+    settings, args = parse_settings()
+    out = utils.fresh_folder(os.path.join(settings["OUTPUT_DIR"], "edit"))
+    sampling, _, _ = open_checkpoint(settings, args, utils.get_device())
+    if args.inpaint_eval:
+        figures = inpaint_eval(sampling, load_heldout(sampling), args.resample, args.jump, out)
+        print(f"-> {out}/inpaint.json, {out}/inpaint.png")
+        print(json.dumps(figures, indent=1))
+    elif args.mask:
+        fill_given(sampling, args, out)
+    else:
+        edit_slices(sampling, args, out)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

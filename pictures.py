@@ -62,7 +62,7 @@ def save_stack(slices, path, pixel_mm, step_mm):
                  path)
 
 
-def stem(name, sep="_"):
+def slice_name(name, sep="_"):
     """A slice's name for what is made from it: its file's name without folder and extensions (a scan's slice K:
     NAME, sep, K)."""
     return os.path.basename(name).split(".")[0] + (f"{sep}{name.rsplit(':', 1)[1]}" if ":" in name else "")
@@ -70,7 +70,7 @@ def stem(name, sep="_"):
 
 def row_label(name, longest=18):
     """A slice's name as a row label: its stem, its end kept where it is long."""
-    label = stem(str(name), ":")
+    label = slice_name(str(name), ":")
     return label if len(label) <= longest else "..." + label[-(longest - 3):]
 
 

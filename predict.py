@@ -5,12 +5,12 @@
     python predict.py --input my_slices/ --strength 0.5   # noise given images part-way, then denoise them
     python predict.py --label AD --slice-position 0.4:0.7 # a conditional model: AD-like slices from mid-brain
     python predict.py --slice-sweep 16 --tstr 512         # one noise through 16 heights; train-on-synthetic test
-    python predict.py --to-label NC --input my_slices/    # counterfactuals: your slices (or scan) as NC
-    python predict.py --anomaly --to-label NC             # held-out slices: counterfactuals and effect maps
-    python predict.py --input my_slices/ --mask box:0.3,0.3,0.6,0.6   # inpainting (RePaint) of a box in each
+
+Questions about slices you hold (counterfactuals, effect maps, inpainting) are edit.py's.
 """
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +19,6 @@ from torchvision.utils import make_grid
 
 import checkpoints
 import dataset
-import edit
 import evaluate
 import pictures
 import utils
@@ -29,79 +28,93 @@ from utils import InputError
 PROCESS_ROWS = 6  # samples shown in process.png / process.gif
 PROCESS_COLUMNS = 10  # evenly spaced steps in process.png
 GIF_FRAMES = 40  # frames of process.gif
+DENOISE_IMAGES = 8  # held-out slices noised part way and denoised (denoise.png) when no --input is given
 CONDITION_COLUMNS = 8  # conditions.png: slice positions (or samples) per class
 SWEEP_FIELD_MM = 200  # slice_sweep.nii.gz: the width of the frame, in millimetres (nominal, for viewers)
 SWEEP_HEIGHT_MM = 120  # slice_sweep.nii.gz: the height slice positions 0 to 1 span, in millimetres (nominal)
 
 
+@dataclass
+class Trained:
+    """A checkpoint's network and schedule, as its configuration describes them."""
+    net: torch.nn.Module  # the EMA weights (or the raw ones), for inference
+    schedule: utils.NoiseSchedule
+    cfg: dict  # the configuration it was trained with
+    class_names: list  # its classes (empty: not class-conditional)
+    step: int
+    guide: torch.nn.Module | None  # the early snapshot autoguidance steers away from (None: the checkpoint has none)
+    guide_step: int = 0  # the step that snapshot was taken at
+
+
 def load_model(path, use_ema, device, bf16=False):
-    """The network and noise schedule exactly as the checkpoint describes them, and the early snapshot that
-    autoguidance uses as {"step", "model"} (None when the checkpoint has none); in the memory format for bf16 or
-    fp32 sampling on device."""
+    """The checkpoint at path as a Trained model, with its early snapshot, in the memory format for bf16 or fp32
+    sampling on device."""
     state = checkpoints.load_checkpoint(path)
-    cfg, classes, snapshot = state["config"], state.get("classes", []), state.get("guide")
+    cfg, class_names, snapshot = state["config"], state.get("classes", []), state.get("guide")
 
     def network(weights):
         try:
-            return load_network(cfg, len(classes), weights, device, bf16)
+            return load_network(cfg, len(class_names), weights, device, bf16)
         except (KeyError, RuntimeError, TypeError) as e:
             raise InputError(f"{path} does not match this project's U-Net ({str(e).splitlines()[0][:100]})") from None
 
-    model = network(state.get("ema" if use_ema else "model"))
-    guide = snapshot and {"step": snapshot["step"], "model": network(snapshot["weights"])}
     schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
-    return model, schedule, cfg, classes, state.get("step", 0), guide
+    return Trained(network(state.get("ema" if use_ema else "model")), schedule, cfg, class_names, state.get("step", 0),
+                   snapshot and network(snapshot["weights"]), snapshot["step"] if snapshot else 0)
 
 
 # ---------------------------------------------------------------- what the user asks for
-def parse_settings():
-    """The run's settings (constants and flags, checked) and predict.py's own flags."""
-    parser = utils.build_parser(__doc__)
+MOVED_TO_EDIT = ("--to-label", "--anomaly", "--depth", "--mask", "--resample", "--jump", "--inpaint-eval")  # edit.py's
+
+
+def sampling_parser(description):
+    """The constants' flags and those of every script that samples from a checkpoint (predict.py, edit.py)."""
+    parser = utils.build_parser(description)
     parser.add_argument("--checkpoint", help="checkpoint to load (default: OUTPUT_DIR/checkpoint.pt)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
-    parser.add_argument("--input", help="your slices: an image, a folder of images, or (--to-label, --anomaly) a scan; "
-                                        "denoised, or edited (default: held-out slices)")
-    parser.add_argument("--strength", type=float, default=0.5, help="noise level for denoising, in (0, 1]")
-    parser.add_argument("--no-metrics", action="store_true", help="skip metrics.json")
     parser.add_argument("--label", help="class-conditional models: a class name or index, or 'all' to cycle through "
                                         "the classes (default: all)")
     parser.add_argument("--slice-position", help="slice-conditional models: a position F in [0, 1] (bottom to top), "
                                                  "or A:B, spread evenly over the samples (default: 0:1)")
+    return parser
+
+
+def parse_settings(argv=None):
+    """The run's settings (constants and flags) and predict.py's own flags, each checked."""
+    argv = sys.argv[1:] if argv is None else argv
+    if moved := [a.split("=")[0] for a in argv if a.split("=")[0] in MOVED_TO_EDIT]:
+        raise InputError(f"{moved[0]} is edit.py's now: python edit.py {' '.join(argv)}")
+    parser = sampling_parser(__doc__)
+    parser.add_argument("--input", help="images to noise part way and denoise: an image or a folder (default: 8 "
+                                        "held-out slices)")
+    parser.add_argument("--strength", type=float, default=0.5, help="noise level for denoising, in (0, 1]")
+    parser.add_argument("--no-metrics", action="store_true", help="skip metrics.json")
     parser.add_argument("--slice-sweep", type=int, default=0, metavar="N",
                         help="slice-conditional models: also take one noise through N positions (PNG, GIF, .nii.gz)")
     parser.add_argument("--tstr", type=int, default=0, metavar="N",
                         help="class-conditional models: also train a classifier on N labelled samples and test it "
                              "on the real held-out slices")
-    parser.add_argument("--to-label", metavar="NAME", help="instead, counterfactuals: the slices (--input, or held-out "
-                        "ones of the other classes) as this class (a name, an index, or healthy: NC, CN, ...)")
-    parser.add_argument("--anomaly", action="store_true", help="instead, effect maps: each slice noised part way and "
-                        "reconstructed (toward --to-label's class, if given); where they differ")
-    parser.add_argument("--depth", type=float, help="--to-label, --anomaly: how far into the diffusion the slices are "
-                        f"taken, a share of its steps in (0, 1] (default: {edit.DEPTH:g} for counterfactuals, "
-                        f"{edit.ANOMALY_DEPTH:g} for effect maps)")
-    parser.add_argument("--mask", help="instead, inpainting of --input where the mask is white: box:X0,Y0,X1,Y1 "
-                        "(fractions of the image), one mask image, or a folder of masks named like the slices")
-    parser.add_argument("--resample", type=int, default=edit.RESAMPLE, help="inpainting: RePaint's passes over each "
-                        "stretch of steps (1: none)")
-    parser.add_argument("--jump", type=int, default=edit.JUMP, help="inpainting: steps noised back up at a time")
-    parser.add_argument("--inpaint-eval", action="store_true", help="instead, measure inpainting on held-out slices "
-                        "(random boxes; the labelled demo's atrophy) beside simpler fills: inpaint.json")
-    return utils.parse_settings(parser)
+    settings, args = utils.parse_settings(parser, argv)
+    if not 0 < args.strength <= 1:
+        raise InputError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.slice_sweep < 0 or args.tstr < 0:
+        raise InputError("--slice-sweep and --tstr take a number of samples, 0 or more")
+    return settings, args
 
 
-def chosen_classes(label, classes):
+def chosen_classes(label, class_names):
     """The class indices --label asks for: all of them by default."""
     if label is None or label == "all":
-        return list(range(len(classes)))
-    if not classes:
+        return list(range(len(class_names)))
+    if not class_names:
         raise InputError(f"--label {label}: this model was not trained with class conditioning (train with "
-                        f"--condition class or class+slice)")
-    if label in classes:
-        return [classes.index(label)]
-    if label.isdigit() and int(label) < len(classes):
+                         f"--condition class or class+slice)")
+    if label in class_names:
+        return [class_names.index(label)]
+    if label.isdigit() and int(label) < len(class_names):
         return [int(label)]
-    raise InputError(f"--label {label} is not one of this model's classes: {', '.join(classes)} (or 0-"
-                    f"{len(classes) - 1}, or all)")
+    raise InputError(f"--label {label} is not one of this model's classes: {', '.join(class_names)} (or 0-"
+                     f"{len(class_names) - 1}, or all)")
 
 
 def chosen_positions(text, by_slice):
@@ -120,14 +133,12 @@ def chosen_positions(text, by_slice):
     return ends[0], ends[-1]
 
 
-def check_extras(args, classes, by_slice):
+def check_extras(args, class_names, by_slice):
     """--slice-sweep and --tstr only make sense for models with the matching condition."""
     if args.slice_sweep and not by_slice:
         raise InputError("--slice-sweep: this model was not trained with slice conditioning")
-    if args.tstr and not classes:
+    if args.tstr and not class_names:
         raise InputError("--tstr: this model was not trained with class conditioning")
-    if args.slice_sweep < 0 or args.tstr < 0:
-        raise InputError("--slice-sweep and --tstr take a number of samples, 0 or more")
 
 
 # ---------------------------------------------------------------- sampling
@@ -137,11 +148,13 @@ class Sampling:
     net: torch.nn.Module  # the model, compiled where COMPILE asks
     schedule: utils.NoiseSchedule
     cfg: dict  # the checkpoint's configuration
-    settings: dict  # this run's settings, with the chosen classes and positions
+    settings: dict  # this run's settings
     device: torch.device
     guide: torch.nn.Module | None = None  # the early snapshot autoguidance steers away from (None: no autoguidance)
     bf16: bool = False  # bf16 autocast (BF16 on this device)
-    classes: list = field(default_factory=list)  # the checkpoint's class names (empty: not class-conditional)
+    class_names: list = field(default_factory=list)  # the checkpoint's classes (empty: not class-conditional)
+    labels: list = field(default_factory=list)  # the class indices --label asks for (empty: no class)
+    positions: tuple | None = None  # the range of slice positions --slice-position asks for (None: no position)
 
     def steps(self):
         """Network evaluations of the sampler along the way: T for ddpm, SAMPLE_STEPS otherwise."""
@@ -185,7 +198,7 @@ def generate(sampling, n, out, labels=None, positions=None):
         part = [None if c is None else c[start:start + len(x)] for c in (labels, positions)]
         samples.append(sampling.sample(x, *part, callback=keep, generator=gen))
     samples = torch.cat(samples)
-    os.makedirs(out, exist_ok=True)
+    utils.fresh_folder(out, ("sample_*.png",))  # no sample of a longer earlier run stays beside these
     for i, img in enumerate(samples):
         utils.save_png(img, os.path.join(out, f"sample_{i:03d}.png"))
     utils.save_png(samples, os.path.join(out, "grid.png"))
@@ -203,11 +216,11 @@ def same_noise(sampling, labels, positions):
 
 
 # ---------------------------------------------------------------- pictures
-def conditions_grid(sampling, classes, by_slice, out):
+def conditions_grid(sampling, by_slice, out):
     """conditions.png: rows are the classes, columns slice positions from bottom to top (or more samples)."""
-    rows = classes or ["any class"]
+    rows = sampling.class_names or ["any class"]
     positions = torch.linspace(0.05, 0.95, CONDITION_COLUMNS) if by_slice else None
-    labels = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if classes else None
+    labels = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if sampling.class_names else None
     gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
     images = sampling.sample(sampling.noise(len(rows) * CONDITION_COLUMNS, gen), labels,
                              positions.repeat(len(rows)) if by_slice else None, generator=gen)
@@ -217,12 +230,11 @@ def conditions_grid(sampling, classes, by_slice, out):
                        + f" (guidance {sampling.settings['GUIDANCE']:g})")
 
 
-def slice_sweep(sampling, classes, n, out):
+def slice_sweep(sampling, n, out):
     """One starting noise through n slice positions, for each chosen class: slice_sweep.png (rows are the
     classes), slice_sweep.gif, and slice_sweep[_CLASS].nii.gz stacks that open in an MRI viewer."""
-    chosen = sampling.settings["classes"]
-    names = [classes[c] for c in chosen] if classes else [None]
-    labels = torch.tensor(chosen).repeat_interleave(n) if classes else None
+    names = [sampling.class_names[c] for c in sampling.labels] if sampling.labels else [None]
+    labels = torch.tensor(sampling.labels).repeat_interleave(n) if sampling.labels else None
     images = same_noise(sampling, labels, torch.linspace(0, 1, n).repeat(len(names)))
     strips = images.view(len(names), n, *images.shape[1:])
     utils.save_png(images, os.path.join(out, "slice_sweep.png"), nrow=n)
@@ -233,10 +245,9 @@ def slice_sweep(sampling, classes, n, out):
         pictures.save_stack(strip, os.path.join(out, f"slice_sweep{'_' + name if name else ''}.nii.gz"), pixel, step)
 
 
-def denoise(sampling, images, strength, out):
-    """Noise each image to step strength*T, denoise it back (unconditionally); writes input | noised | result rows."""
-    if not 0 < strength <= 1:
-        raise InputError(f"--strength must be in (0, 1], got {strength}")
+def noise_and_restore(sampling, images, strength, out):
+    """Noise each image to step strength*T, denoise it back with the sampler (unconditionally); writes input | noised
+    | result rows."""
     device = sampling.device
     gen = torch.Generator(device=device).manual_seed(sampling.settings["SEED"])
     x0 = images.to(device).float() / 127.5 - 1
@@ -259,8 +270,7 @@ def measure(sampling, samples, cond, data, tstr):
     if any(c is not None for c in cond):
         result.update(evaluate.control(samples, *cond, data, sampling.device))
     if tstr:
-        labels, positions = utils.spread_conditions(tstr, list(range(len(data.classes))),
-                                                    sampling.settings["positions"])
+        labels, positions = utils.spread_conditions(tstr, list(range(len(data.classes))), sampling.positions)
         out = os.path.join(sampling.settings["OUTPUT_DIR"], "predict", "tstr")
         images, _ = generate(sampling, tstr, out, labels, positions)
         result.update(evaluate.train_on_synthetic(images, labels, data, sampling.device))
@@ -268,28 +278,26 @@ def measure(sampling, samples, cond, data, tstr):
 
 
 def open_checkpoint(settings, args, device):
-    """The Sampling this run asks for (its settings completed with the chosen classes and positions), the
-    checkpoint's path and step; says what it loaded."""
+    """The Sampling this run asks for (with the classes and positions asked for), the checkpoint's path and step;
+    says what it loaded."""
     path = args.checkpoint or os.path.join(settings["OUTPUT_DIR"], "checkpoint.pt")
     bf16 = utils.wants_bf16(settings, device)
-    model, schedule, cfg, classes, step, guide = load_model(path, not args.no_ema, device, bf16)
-    if guide is None and settings["AUTOGUIDANCE"] != 1:
+    trained = load_model(path, not args.no_ema, device, bf16)
+    if trained.guide is None and settings["AUTOGUIDANCE"] != 1:
         print(f"notice: {path} holds no early snapshot (trained before autoguidance, or stopped before GUIDE_AT): "
               f"sampling without autoguidance")
         settings["AUTOGUIDANCE"] = 1.0
-    by_slice = utils.conditions_of(cfg)[1]
-    settings.update(classes=chosen_classes(args.label, classes),
-                    positions=chosen_positions(args.slice_position, by_slice))
-    check_extras(args, classes, by_slice)
+    cfg, by_slice = trained.cfg, utils.conditions_of(trained.cfg)[1]
     compiled = (lambda m: torch.compile(m) if utils.wants_compile(settings, device) else m)  # noqa: E731
-    sampling = Sampling(compiled(model), schedule, cfg, settings, device, guide and compiled(guide["model"]), bf16,
-                        classes)
-    print(f"{path}: step {step:,}, {cfg['IMAGE_SIZE']} px, {settings['SAMPLER']} with {sampling.steps()} steps, "
+    sampling = Sampling(compiled(trained.net), trained.schedule, cfg, settings, device,
+                        trained.guide and compiled(trained.guide), bf16, trained.class_names,
+                        chosen_classes(args.label, trained.class_names), chosen_positions(args.slice_position, by_slice))
+    print(f"{path}: step {trained.step:,}, {cfg['IMAGE_SIZE']} px, {settings['SAMPLER']} with {sampling.steps()} steps, "
           f"{device}" + (", bf16" if bf16 else "")
           + (f", condition {cfg['CONDITION']} (guidance {settings['GUIDANCE']:g})" if cfg["CONDITION"] != "none" else "")
-          + (f", autoguidance {settings['AUTOGUIDANCE']:g} from step {guide['step']:,}"
+          + (f", autoguidance {settings['AUTOGUIDANCE']:g} from step {trained.guide_step:,}"
              if settings["AUTOGUIDANCE"] != 1 else ""))
-    return sampling, path, step
+    return sampling, path, trained.step
 
 
 def load_heldout(sampling):
@@ -298,75 +306,29 @@ def load_heldout(sampling):
     return dataset.load_data(dict(cfg, DATA_DIR=asked if asked != utils.DATA_DIR else cfg["DATA_DIR"]))
 
 
-def edit_slices(sampling, args, out):
-    """--to-label, --anomaly: counterfactuals and effect maps of the given slices or of held-out ones."""
-    depth = edit.DEPTH if args.depth is None else edit.check_depth(args.depth)
-    anomaly_depth = (edit.ANOMALY_DEPTH if args.depth is None else args.depth) if args.anomaly else None
-    target = None if args.to_label is None else edit.target_class(args.to_label, sampling.classes)
-    if args.to_label is not None and target is None:
-        print(f"notice: --to-label healthy: none of this model's classes ({', '.join(sampling.classes)}) is a control "
-              f"group: no counterfactuals (--to-label NAME picks one)")
-        if not args.anomaly:
-            return
-    data = load_heldout(sampling) if args.input is None else None
-    slices = (edit.given_slices(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else
-              edit.heldout_slices(data, target, edit.EDIT_SLICES))
-    print(f"editing {len(slices.images)} slices" + (f" into {sampling.classes[target]}" if target is not None else "")
-          + (f" (depth {depth:g}, guidance {sampling.settings['GUIDANCE']:g})" if target is not None else "")
-          + (f", effect maps (depth {anomaly_depth:g})" if args.anomaly else ""))
-    figures = edit.run(sampling, slices, target, depth, sampling.settings["GUIDANCE"], anomaly_depth,
-                       data if args.input is None else None, out)
-    print(f"-> {out}/counterfactual.png, {out}/edits/" + (f", {out}/counterfactual.json" if figures else ""))
-    print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}" for k, v in figures.items()))
-
-
-def fill_slices(sampling, args, out):
-    """--mask: inpaint the given slices; --inpaint-eval: measure inpainting on held-out slices."""
-    if args.resample < 1 or args.jump < 1:
-        raise InputError(f"--resample and --jump must be 1 or more, got {args.resample} and {args.jump}")
-    if args.inpaint_eval:
-        figures = edit.inpaint_eval(sampling, load_heldout(sampling), args.resample, args.jump, out)
-        print(f"-> {out}/inpaint.json, {out}/inpaint.png")
-        print(json.dumps(figures, indent=1))
-        return
-    if args.input is None:
-        raise InputError("--mask needs the slices to fill: pass --input IMAGE_OR_FOLDER (or a scan)")
-    size, settings = sampling.cfg["IMAGE_SIZE"], sampling.settings
-    slices = edit.given_slices(args.input, size)
-    masks = edit.read_masks(args.mask, slices.names, size)
-    if args.slice_position is not None:
-        slices.positions = torch.full((len(masks),), settings["positions"][0])
-    labels = torch.full((len(masks),), settings["classes"][0]) if args.label not in (None, "all") else None
-    edit.fill_slices(sampling, slices, masks, labels, args.resample, args.jump, out)
-    print(f"filled {len(masks)} slices -> {out}/inpaint.png, {out}/inpaint/")
-
-
 def main():
     settings, args = parse_settings()
+    out = utils.fresh_folder(os.path.join(settings["OUTPUT_DIR"], "predict"))  # writable, before any sampling
     sampling, path, step = open_checkpoint(settings, args, utils.get_device())
-    if args.to_label is not None or args.anomaly:
-        return edit_slices(sampling, args, os.path.join(settings["OUTPUT_DIR"], "predict"))
-    if args.mask is not None or args.inpaint_eval:
-        return fill_slices(sampling, args, os.path.join(settings["OUTPUT_DIR"], "predict"))
-    classes, by_slice = sampling.classes, utils.conditions_of(sampling.cfg)[1]
-    cond = utils.spread_conditions(settings["NUM_SAMPLES"], settings["classes"], settings["positions"])
-    out = os.path.join(settings["OUTPUT_DIR"], "predict")
+    by_slice = utils.conditions_of(sampling.cfg)[1]
+    check_extras(args, sampling.class_names, by_slice)
+    cond = utils.spread_conditions(settings["NUM_SAMPLES"], sampling.labels, sampling.positions)
 
     started = time.perf_counter()
     samples, frames = generate(sampling, settings["NUM_SAMPLES"], out, *cond)
     seconds = time.perf_counter() - started
     print(f"{len(samples)} samples in {seconds:.1f} s ({len(samples) / seconds:.2f} images/s) -> {out}/grid.png")
     pictures.save_process(frames, out, PROCESS_COLUMNS, GIF_FRAMES)
-    if classes or by_slice:
-        conditions_grid(sampling, classes, by_slice, out)
+    if sampling.class_names or by_slice:
+        conditions_grid(sampling, by_slice, out)
         print(f"samples by condition -> {out}/conditions.png")
     if args.slice_sweep:
-        slice_sweep(sampling, classes, args.slice_sweep, out)
+        slice_sweep(sampling, args.slice_sweep, out)
         print(f"one noise through {args.slice_sweep} slice positions -> {out}/slice_sweep.png, .gif, .nii.gz")
 
     data = load_heldout(sampling) if args.input is None or not args.no_metrics else None
-    images = dataset.read_folder(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else data.val[:8]
-    denoise(sampling, images[:settings["SAMPLE_BATCH"]], args.strength, out)
+    images = dataset.read_folder(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else data.val[:DENOISE_IMAGES]
+    noise_and_restore(sampling, images[:settings["SAMPLE_BATCH"]], args.strength, out)
     print(f"denoised {min(len(images), settings['SAMPLE_BATCH'])} images at strength {args.strength} -> "
           f"{out}/denoise.png")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train, then generate: ./train_predict.sh [train.py flags...]
+# Train, then generate (and, for class-conditional models, edit): ./train_predict.sh [train.py flags...]
 # No GPU: the CPU quick profile (configs/cpu_quick.args). One GPU: plain python. Several: torchrun, one process per GPU.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,17 +13,14 @@ gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -eq 0 ]; then
   echo "no GPU found: running the CPU quick profile (64 px, small U-Net; its plan, below, says how long it takes here)"
   train=("$PYTHON" train.py @configs/cpu_quick.args)  # the preset: 64 px, small U-Net
-  predict=("$PYTHON" predict.py)
 elif [ "$gpus" -eq 1 ]; then
   train=("$PYTHON" train.py)
-  predict=("$PYTHON" predict.py)
 else
   echo "$gpus GPUs found: training with torchrun, one process per GPU (BATCH_SIZE is per GPU)"
   train=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py)
-  predict=("$PYTHON" predict.py)
 fi
 
-# flags meant for both scripts (where the data and outputs live, the seed) also go to predict.py
+# flags meant for every script (where the data and outputs live, the seed) also go to predict.py and edit.py
 where=()
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -37,18 +34,18 @@ done
 # a class-conditional one also counterfactuals of held-out slices into the control class, with effect maps
 read -r condition out < <("$PYTHON" -c "import sys, utils; a = utils.build_parser('').parse_known_args(sys.argv[1:])[0]
 print(a.CONDITION, a.OUTPUT_DIR)" "$@")
-generate=("${where[@]}") extras=""
+generate=("${where[@]}") extras="" edited=""
 case "$condition" in *slice*) generate+=(--slice-sweep 16); extras=", slice_sweep.png/.gif/.nii.gz" ;; esac
 case "$condition" in *class*) generate+=(--tstr 256) ;; esac
 [ "$condition" = none ] || extras=", conditions.png$extras"
 
 "${train[@]}" "$@" || { code=$?; echo "error: training (train.py) failed with exit code $code" >&2; exit "$code"; }
-"${predict[@]}" "${generate[@]}" || { code=$?; echo "error: generation (predict.py) failed with exit code $code" >&2; exit "$code"; }
+"$PYTHON" predict.py "${generate[@]}" || { code=$?; echo "error: generation (predict.py) failed with exit code $code" >&2; exit "$code"; }
 case "$condition" in *class*)
-  "${predict[@]}" "${where[@]}" --to-label healthy --anomaly || {
-    code=$?; echo "error: counterfactuals (predict.py --to-label healthy) failed with exit code $code" >&2; exit "$code"; }
-  extras="$extras, counterfactual.png/.json" ;;
+  "$PYTHON" edit.py "${where[@]}" --to-label healthy --anomaly || {
+    code=$?; echo "error: counterfactuals (edit.py --to-label healthy) failed with exit code $code" >&2; exit "$code"; }
+  edited=" counterfactuals and effect maps in $out/edit/ (counterfactual.png/.json, edits/);" ;;
 esac
 
-echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json$extras);"
+echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json$extras);${edited:-}"
 echo "      training grids in $out/samples/, loss curve in $out/loss.png"

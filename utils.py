@@ -510,3 +510,29 @@ def save_png(x, path, nrow=None):
     img = x if x.dim() == 3 else make_grid(x.float(), nrow=nrow or math.ceil(math.sqrt(len(x))), padding=2)[:1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     to_pil_image((to_unit(img.cpu()) * 255).round().to(torch.uint8)).save(path)  # rounded: uint8 images come back
+
+
+def in_batches(function, batch, *tensors):
+    """function over consecutive batches of the tensors (None stays None), the results concatenated."""
+    n, parts = len(tensors[0]), []
+    for i in range(0, n, batch):
+        parts.append(function(*(None if t is None else t[i:i + batch] for t in tensors)))
+    return [torch.cat(p) for p in zip(*parts)] if isinstance(parts[0], tuple) else torch.cat(parts)
+
+
+def fresh_folder(path, stale=()):
+    """Make the folder, and fail with one line before any heavy work when it cannot be written; delete the files an
+    earlier run left there that this run's set replaces (names matching the `stale` glob patterns). Returns path."""
+    import glob
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+        for pattern in stale:
+            for old in glob.glob(os.path.join(path, pattern)):
+                os.remove(old)
+    except OSError as e:
+        raise InputError(f"cannot write to {show_path(path)} ({e.strerror or e}): pick another --output-dir") from None
+    return path

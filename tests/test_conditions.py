@@ -263,9 +263,9 @@ def test_a_checkpoint_from_before_condition_and_patch_size_loads_as_class_unpatc
     state["config"].pop("PATCH_SIZE")  # nor pixels folded into channels
     state["config"]["CONDITIONAL"] = True
     torch.save(state, tmp_path / "old.pt")
-    model, _, cfg, classes, _, _ = predict.load_model(str(tmp_path / "old.pt"), True, torch.device("cpu"))
-    assert cfg["CONDITION"] == "class" and classes == ["AD", "NC"] and model.slice_mlp is None
-    assert cfg["PATCH_SIZE"] == 1 and model.patch_size == 1
+    old = predict.load_model(str(tmp_path / "old.pt"), True, torch.device("cpu"))
+    assert old.cfg["CONDITION"] == "class" and old.class_names == ["AD", "NC"] and old.net.slice_mlp is None
+    assert old.cfg["PATCH_SIZE"] == 1 and old.net.patch_size == 1 and old.guide is None
 
 
 @pytest.mark.parametrize("flags, expected", [

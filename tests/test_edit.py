@@ -13,7 +13,7 @@ from conftest import TINY, run_script
 import dataset
 import demo
 import edit
-import evaluate
+import edit_scores
 import predict
 
 
@@ -29,11 +29,11 @@ def toy_run(disks_data, tmp_path_factory):
 
 
 def toy_sampling(run, steps=20):
-    model, schedule, cfg, classes, _, _ = predict.load_model(os.path.join(run, "checkpoint.pt"), True,
-                                                             torch.device("cpu"))
+    trained = predict.load_model(os.path.join(run, "checkpoint.pt"), True, torch.device("cpu"))
     settings = dict(SEED=0, SAMPLER="dpm++sde", SAMPLE_STEPS=steps, DDIM_ETA=0.0, STEP_SPACING=2.0, GUIDANCE=2.0,
                     AUTOGUIDANCE=1.0, SAMPLE_BATCH=8)
-    return predict.Sampling(model, schedule, cfg, settings, torch.device("cpu"), classes=classes)
+    return predict.Sampling(trained.net, trained.schedule, trained.cfg, settings, torch.device("cpu"),
+                            class_names=trained.class_names)
 
 
 def ad_disks(run):
@@ -67,11 +67,11 @@ def test_a_counterfactual_takes_the_other_class_look_and_keeps_the_shape(toy_run
     assert (kept & disk).sum() / (kept | disk).sum() > 0.85
 
 
-def test_predict_writes_counterfactuals_and_their_figures(toy_run, tmp_path):
-    r = run_script("predict.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--anomaly",
+def test_edit_writes_counterfactuals_and_their_figures(toy_run, tmp_path):
+    r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--anomaly",
                    "--sample-steps", "5")
     assert r.returncode == 0, r.stderr
-    out = os.path.join(toy_run, "predict")
+    out = os.path.join(toy_run, "edit")
     figures = json.load(open(os.path.join(out, "counterfactual.json")))
     assert figures["slices"] == 12 and 0 <= figures["effectiveness"] <= 1 and figures["round_trip_change"] > 0
     assert (figures["depth"], figures["anomaly_depth"]) == (edit.DEPTH, edit.ANOMALY_DEPTH)  # each method's own
@@ -88,10 +88,10 @@ def test_a_scan_in_gives_a_stack_out(toy_run, tmp_path):
         volume[:, :, z] = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2 < 20) * (800 + 40 * xx)  # a disk with some contrast
     scan = str(tmp_path / "head.nii.gz")
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), scan)
-    r = run_script("predict.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--input", scan,
+    r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--input", scan,
                    "--sample-steps", "5")
     assert r.returncode == 0, r.stderr
-    stack = nibabel.load(os.path.join(toy_run, "predict", "counterfactual.nii.gz"))
+    stack = nibabel.load(os.path.join(toy_run, "edit", "counterfactual.nii.gz"))
     assert stack.shape == (16, 16, 6)
 
 
@@ -100,11 +100,11 @@ def test_pixel_auc_of_perfect_random_and_inverted_maps():
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand(4, 1, 16, 16, generator=gen) < 0.2
     region = torch.ones_like(masks)
-    perfect = evaluate.map_scores("m", masks.float(), masks, region)
+    perfect = edit_scores.map_scores("m", masks.float(), masks, region)
     assert perfect == {"m_map_auroc": 1.0, "m_map_auprc": 1.0}
-    noise = evaluate.map_scores("m", torch.rand(masks.shape, generator=gen), masks, region)
+    noise = edit_scores.map_scores("m", torch.rand(masks.shape, generator=gen), masks, region)
     assert abs(noise["m_map_auroc"] - 0.5) < 0.06 and abs(noise["m_map_auprc"] - masks.float().mean()) < 0.06
-    assert evaluate.map_scores("m", 1 - masks.float(), masks, region)["m_map_auroc"] == 0.0
+    assert edit_scores.map_scores("m", 1 - masks.float(), masks, region)["m_map_auroc"] == 0.0
 
 
 def test_truth_scores_of_known_edits():
@@ -115,7 +115,7 @@ def test_truth_scores_of_known_edits():
     mask[:, :, 2:4, 2:4] = True
     twin[mask] = -0.5  # the atrophy made these brighter by 1
     cf = torch.where(mask, twin, x)
-    scores = evaluate.truth_scores(x, cf, x + 0.1, twin, mask, torch.ones_like(mask))
+    scores = edit_scores.truth_scores(x, cf, x + 0.1, twin, mask, torch.ones_like(mask))
     assert scores["cf_to_twin_in_mask"] == 0 and scores["input_to_twin_in_mask"] == pytest.approx(1.0)
     assert scores["cf_change_outside_mask"] == 0 and scores["null_change_outside_mask"] == pytest.approx(0.1)
     assert scores["mask_share_of_brain"] == pytest.approx(8 / 128)
@@ -151,29 +151,29 @@ def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
     (("--to-label", "NC", "--depth", "0"), "--depth must be in (0, 1]"),
     (("--to-label", "NC", "--depth", "1.5"), "--depth must be in (0, 1]")])
 def test_bad_edits_get_one_line(toy_run, flags, expected):
-    r = run_script("predict.py", "--output-dir", toy_run, "--compile", "false", *flags)
+    r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", *flags)
     assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_edits_need_a_class_model_and_readable_input(tiny_run, toy_run, tmp_path):
-    r = run_script("predict.py", "--output-dir", tiny_run, "--compile", "false", "--to-label", "NC")
+    r = run_script("edit.py", "--output-dir", tiny_run, "--compile", "false", "--to-label", "NC")
     assert r.returncode == 2 and "not trained with class conditioning" in r.stderr
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b not a scan")
     empty = tmp_path / "empty"
     empty.mkdir()
     for given in (broken, empty):
-        r = run_script("predict.py", "--output-dir", str(tmp_path / "out"), "--checkpoint",
+        r = run_script("edit.py", "--output-dir", str(tmp_path / "out"), "--checkpoint",
                        os.path.join(toy_run, "checkpoint.pt"), "--compile", "false", "--to-label", "NC",
                        "--input", str(given))
         assert r.returncode == 2 and str(given) in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert not os.path.exists(tmp_path / "out" / "predict" / "counterfactual.png")
+        assert not os.path.exists(tmp_path / "out" / "edit" / "counterfactual.png")
 
 
 def test_healthy_names_the_control_class_whatever_it_is_called():
     assert edit.target_class("healthy", ["AD", "CN", "MCI"]) == 1
     assert edit.target_class("healthy", ["tumour", "normal"]) == 1
-    assert edit.target_class("healthy", ["cat", "dog"]) is None  # predict.py says so and edits nothing
+    assert edit.target_class("healthy", ["cat", "dog"]) is None  # edit.py says so and edits nothing
     assert edit.target_class("0", ["AD", "NC"]) == 0
 
 

@@ -56,13 +56,13 @@ def test_a_mask_of_everything_draws_a_sample_of_the_model():
     assert torch.allclose(torch.cov(out.T), COV, atol=0.012)  # the spread and the correlation of the data
 
 
-# ---------------------------------------------------------------- predict.py --mask on a tiny model
+# ---------------------------------------------------------------- edit.py --mask on a tiny model
 def fill(run, tmp_path, mask, *flags):
     slices = write_blobs(str(tmp_path / "slices"), 3)
-    r = run_script("predict.py", "--output-dir", str(tmp_path / "out"), "--checkpoint",
+    r = run_script("edit.py", "--output-dir", str(tmp_path / "out"), "--checkpoint",
                    os.path.join(run, "checkpoint.pt"), "--compile", "false", "--sample-steps", "5", "--input", slices,
                    "--mask", mask, "--resample", "2", "--jump", "2", *flags)
-    return r, slices, tmp_path / "out" / "predict"
+    return r, slices, tmp_path / "out" / "edit"
 
 
 def pixels(path):
@@ -119,17 +119,17 @@ def test_bad_masks_get_one_line(tiny_run, tmp_path, case, expected):
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(masks / f"{name}.png")
     spec = case if case.startswith("box:") else str(tmp_path / "nowhere") if case == "nowhere" else str(masks)
     if case == "no input":
-        r = run_script("predict.py", "--output-dir", tiny_run, "--compile", "false", "--mask", "box:0,0,1,1")
+        r = run_script("edit.py", "--output-dir", tiny_run, "--compile", "false", "--mask", "box:0,0,1,1")
     else:
         r, _, _ = fill(tiny_run, tmp_path, spec)
     assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_inpaint_eval_measures_repaint_beside_simpler_fills(tiny_run, tiny_data):
-    r = run_script("predict.py", "--output-dir", tiny_run, "--compile", "false", "--sample-steps", "5",
+    r = run_script("edit.py", "--output-dir", tiny_run, "--compile", "false", "--sample-steps", "5",
                    "--inpaint-eval", "--resample", "2", "--jump", "2", "--data-dir", tiny_data)
     assert r.returncode == 0, r.stderr
-    figures = json.load(open(os.path.join(tiny_run, "predict", "inpaint.json")))
+    figures = json.load(open(os.path.join(tiny_run, "edit", "inpaint.json")))
     boxes = figures["boxes"]
     assert set(boxes) >= {"repaint", "no_resampling", "biharmonic", "height_mean"} and 0.05 < boxes["mask_share"] < 0.3
     assert all(0 <= boxes[k]["mae"] <= 1 and boxes[k]["seam_gradient_truth"] > 0 for k in ("repaint", "biharmonic"))
