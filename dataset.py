@@ -75,11 +75,42 @@ class Data:
 
 
 # ---------------------------------------------------------------- reading images
-def _gray(im):
+def _scaled(a):
+    """A float array as an 8-bit grayscale image, scaled by its maximum (negative values black)."""
+    a = np.clip(a, 0, None)
+    return Image.fromarray((a * (255 / max(a.max(), 1e-8))).round().astype(np.uint8))
+
+
+def _deep(im):
+    """Whether im is a PNG or TIFF of two or more 16-bit channels, of which PIL reads only the high bytes."""
+    if len(im.getbands()) < 2:
+        return False
+    if im.format == "TIFF":
+        return set(im.tag_v2.get(258, (8,))) == {16}  # BitsPerSample
+    return im.format == "PNG" and bool(im.tile) and ";16" in str(im.tile[0].args)  # e.g. rawmode RGB;16B
+
+
+def _deep_luma(path, im):
+    """A 16-bit PNG or TIFF of two or more channels (gray or RGB, then alpha) as float32 luma, black where
+    transparent, decoded by torchvision or tifffile at its full depth."""
+    if im.format == "PNG":
+        from torchvision.io import ImageReadMode, decode_png, read_file
+        a = decode_png(read_file(path), ImageReadMode.UNCHANGED).permute(1, 2, 0).float().numpy()
+    else:
+        import tifffile
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            a = np.moveaxis(page.asarray(), page.axes.index("S"), -1).astype(np.float32)  # S: the samples' axis
+    colour = a[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32) if a.shape[-1] >= 3 else a[..., 0]  # as PIL's L
+    return colour * (a[..., -1] / 65535) if a.shape[-1] in (2, 4) else colour
+
+
+def _gray(im, path):
     """An 8-bit grayscale copy: black where transparent, 16-bit and float images scaled by their maximum."""
+    if _deep(im):
+        return _scaled(_deep_luma(path, im))
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.clip(np.asarray(im, dtype=np.float32), 0, None)
-        return Image.fromarray((a * (255 / max(a.max(), 1e-8))).round().astype(np.uint8))
+        return _scaled(np.asarray(im, dtype=np.float32))
     if "A" in im.getbands() or "transparency" in im.info:
         im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
     return im.convert("L")
@@ -93,7 +124,7 @@ def decode_image(path, size):
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} is over the {MAX_PIXELS} pixel limit")
-        im = _gray(im)
+        im = _gray(im, path)
     if w != h:
         square = Image.new("L", (max(w, h),) * 2)
         square.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
