@@ -26,11 +26,11 @@ from utils import InputError, show_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # files read as images (any case)
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
-VAL_FRACTION = 0.05  # held-out share of a plain image folder
+VAL_FRACTION = 0.05  # held-out share of a plain image folder whose names carry no subject id
 SEARCH_DEPTH = 3  # folder levels under DATA_DIR searched for an OASIS or ADNI layout
 FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
 VOLUME_SPLITS = {"train": "train", "val": "val", "validate": "val", "test": "test"}  # scan split folders (any case)
-VAL_SUBJECTS = 0.1  # held-out share of subjects in a folder of scans without split folders
+VAL_SUBJECTS = 0.1  # held-out share of subjects: scans without split folders, images named by subject id
 PREVIEW_SIDE = 8  # the --preview contact sheet is PREVIEW_SIDE x PREVIEW_SIDE images
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -385,13 +385,16 @@ def _locate(cfg):
     return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
 
 
-def _held_out(subjects, seed):
-    """A seeded VAL_SUBJECTS share of the subjects ({subject: class or None}) of each class, at least one of a class
-    with two or more: every class is held out."""
+def _held_out(subjects, seed, classes=()):
+    """A seeded VAL_SUBJECTS share of the subjects ({subject: class index or None}) of each class, at least one of a
+    class with two or more: every class is held out, and a class of one subject, which cannot be, is named."""
     held = set()
     for group in sorted(set(subjects.values()), key=str):
         names = sorted(u for u, c in subjects.items() if c == group)
         n = max(1, round(VAL_SUBJECTS * len(names))) if len(names) >= 2 else 0
+        if not n and group is not None:
+            print(f"notice: {classes[group]} has only one subject ({show_path(names[0])}): it cannot be held out, so "
+                  f"the held-out split has no {classes[group]}; add {classes[group]} subjects to validate it")
         order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
         held |= {names[i] for i in order[:n]}
     return held
@@ -433,13 +436,29 @@ def labels_from(table, splits, root):
             {f: classes.index(c) for f, c in matching.labels.items()}, matching)
 
 
+def _folder_held_out(names, label_of, classes, seed):
+    """Which images of a plain folder are held out: whole subjects (_held_out) where the names carry subject ids, else
+    a seeded VAL_FRACTION of the images, at least one when there are two."""
+    subjects = [subject_of(n) for n in names]
+    if any(re.search(SUBJECT_ID, n) for n in names):
+        of = {}
+        for n, u in zip(names, subjects):
+            of.setdefault(u, label_of.get(n))
+        held = _held_out(of, seed, classes)
+        return torch.tensor([u in held for u in subjects], dtype=torch.bool)
+    n_val = max(1, round(VAL_FRACTION * len(names))) if len(names) >= 2 else 0
+    held = torch.zeros(len(names), dtype=torch.bool)
+    held[torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:n_val]] = True
+    return held
+
+
 def _volume_data(root, got, classes, label_of, seed):
     """Data of a folder of scans: its split folders, or a seeded share of its subjects held out (never slices)."""
     scans, val = [], []
     for s, c in got.items():  # 'all', or 'train' and 'val'
         subjects = [subject_of(f) for f in c["files"]]
         of = {u: label_of.get(f) for f, u, n in reversed(list(zip(c["files"], subjects, c["counts"]))) if n}
-        held = _held_out(of, seed) if s == "all" else set()
+        held = _held_out(of, seed, classes) if s == "all" else set()
         in_val = [s == "val" or u in held for u in subjects]
         val.append(torch.tensor(in_val, dtype=torch.bool).repeat_interleave(c["counts"]))
         scans += [Scan(os.path.join(root, f), u, "val" if v else "train", n, label_of.get(f))
@@ -464,7 +483,7 @@ def load_data(cfg):
                         f"any images or scans there, or pass --data-dir PATH")
     layout, root = find_layout(folder, exclude)
     bids, layout = layout == "bids", "volumes" if layout == "bids" else layout
-    label_of = {}
+    label_of, classes = {}, []
     if layout == "volumes":
         splits, classes, label_of = _volume_splits(root, exclude, cfg["BIDS_SUFFIX"] if bids else None)
     else:
@@ -493,12 +512,10 @@ def load_data(cfg):
         val = got["validate"]["images"], got["validate"]["names"]
     elif layout == "adni":
         train, val = ((got[s]["images"], got[s]["names"]) for s in ADNI_SPLITS)
-    elif layout == "folder":  # a seeded 95/5 split, at least one held-out image when there are two
+    elif layout == "folder":
         images, names = got["all"]["images"], got["all"]["names"]
-        n_val = max(1, round(VAL_FRACTION * len(images))) if len(images) >= 2 else 0
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["SEED"]))
-        train, val = ((images[p], [names[i] for i in p.tolist()]) for p in (perm[n_val:].sort().values,
-                                                                            perm[:n_val].sort().values))
+        held = _folder_held_out(names, label_of, classes, cfg["SEED"])
+        train, val = ((images[m], [n for n, v in zip(names, m.tolist()) if v]) for m in (~held, held))
     if layout == "volumes":
         data, unnamed = _volume_data(root, got, classes, label_of, cfg["SEED"]), None
     else:

@@ -199,6 +199,31 @@ def test_bad_tables_get_one_line_before_training(tmp_path, case, expected):
         assert "Subject, Sex" in str(e.value)  # its columns, listed
 
 
+def test_image_slices_named_by_subject_keep_their_subjects_together(tmp_path, capsys):
+    """A folder of slices named by ADNI subject id with a table of labels: whole subjects are held out, one of each
+    class that has two or more; a class of one subject, which cannot be held out, is named."""
+    from PIL import Image
+    groups = {f"{100 + i:03d}_S_{1000 + i:04d}": "NC" if i < 6 else "AD" if i < 11 else "MCI" for i in range(12)}
+    os.makedirs(tmp_path / "slices")
+    for subject, group in groups.items():
+        for z in range(6):
+            Image.fromarray(np.full((16, 16), CLASS_LEVEL[group] // 4 + z, np.uint8)).save(
+                tmp_path / "slices" / f"ADNI_{subject}_slice_{z}.png")
+    table = write_table(tmp_path / "groups.csv", ["Subject", "Group"], list(groups.items()))
+    data = dataset.load_data(config(tmp_path / "slices", LABELS=table))
+    assert data.layout == "folder" and data.classes == ["AD", "MCI", "NC"] and len(data.train) + len(data.val) == 72
+    held = {cohorts.subject_of(n) for n in data.val_names}
+    assert len(data.val) == 6 * len(held) and data.val_labels.unique().tolist() == [0, 2]  # whole subjects: AD, NC
+    assert "notice: MCI has only one subject (111_S_1011)" in capsys.readouterr().out
+
+
+def test_a_class_of_one_scanned_subject_is_named(tmp_path, capsys):
+    root, table = oasis_tree(tmp_path)
+    data = dataset.load_data(config(root, LABELS=table, LABEL_MAP="0=NC,0.5=MCI,1=AD,2=severe"))
+    assert data.classes == ["AD", "MCI", "NC", "severe"] and 3 not in data.val_labels.tolist()
+    assert "notice: severe has only one subject (OAS1_0008)" in capsys.readouterr().out
+
+
 def test_ids_found_in_paths_and_tables():
     path = "ADNI/002_S_0295/MPRAGE/2006-04-18/S13408/ADNI_002_S_0295_MR_MPRAGE_br_raw_1_S13408_I13722.nii"
     assert ("image", "13722") in cohorts.ids_in_path(path) and ("subject", "002_S_0295") in cohorts.ids_in_path(path)
