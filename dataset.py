@@ -385,7 +385,7 @@ def _locate(cfg):
     return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
 
 
-def _held_out(subjects, seed, classes=()):
+def _held_out(subjects, seed, classes):
     """A seeded VAL_SUBJECTS share of the subjects ({subject: class index or None}) of each class, at least one of a
     class with two or more: every class is held out, and a class of one subject, which cannot be, is named."""
     held = set()
