@@ -22,6 +22,7 @@ BIDS_SKIP = ("derivatives", "sourcedata", "code", "stimuli")  # BIDS folders tha
 ID_COLUMNS = ("Image Data ID", "Subject", "PTID", "ID", "participant_id", "subject_id")  # found by name, any case
 LABEL_COLUMNS = ("Group", "DX", "DX_bl", "diagnosis", "group", "CDR")  # the first present is the label column
 LEVELS = ("image", "session", "subject", "name")  # how a file matches a table row, finest first
+DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon"}  # a table's: the one its header splits on most
 
 
 def subject_of(path):
@@ -85,22 +86,46 @@ class Table:
     digest: str = ""  # of the file and the settings that read it
 
 
+def _text(path):
+    """A table's text: UTF-8 (with or without a byte-order mark), else Latin-1, said in a notice."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        print(f"notice: {show_path(path)} is not UTF-8: read as Latin-1")
+        return raw.decode("latin-1")
+
+
+def _delimiter(text, path):
+    """The delimiter a table's header splits on into the most columns (its extension's on a tie), said in a notice
+    where it is not the one its extension stands for."""
+    expected = {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())
+    header = text.split("\n", 1)[0]
+    found = max(DELIMITERS, key=lambda d: (len(next(csv.reader([header], delimiter=d), [])), d == expected))
+    if expected and found != expected:
+        print(f"notice: reading {show_path(path)} as a {DELIMITERS[found]}-separated table (its header splits on "
+              f"{DELIMITERS[found]}s, not {DELIMITERS[expected]}s)")
+    return found
+
+
 def read_table(path, id_column="", label_column="", label_map=""):
     """A CSV or TSV table of labels: its id columns and label column found by their usual names (or given), its values
     mapped to classes by label_map ('CN=NC,SMC=NC,Dementia=AD'; without one, the values are the classes)."""
     shown = show_path(path)
     if not os.path.isfile(path):
         raise InputError(f"no label table at {shown}: pass --labels FILE (a CSV or TSV)")
-    delimiter = {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())
+    text = _text(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            text = f.read()
-        delimiter = delimiter or csv.Sniffer().sniff(text[:4096], delimiters=",\t").delimiter
-        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error):
-        raise InputError(f"{shown} is not a CSV or TSV table: pass a .csv or .tsv file of labels") from None
+        reader = csv.DictReader(text.splitlines(), delimiter=_delimiter(text, path))
+        rows, columns = list(reader), reader.fieldnames or []
+    except csv.Error:
+        rows = None
+    if rows is None or "\0" in text:  # NUL: a binary file
+        raise InputError(f"{shown} is not a CSV or TSV table: pass a .csv or .tsv file of labels")
+    if not rows:
+        raise InputError(f"{shown} holds no rows" + (f", only its header ({', '.join(columns)})" if columns else "") +
+                         ": add a row for each scan or subject, its id and its label")
     if len(columns) < 2:
         raise InputError(f"{shown} is not a CSV or TSV table (one column: {', '.join(columns) or 'none'}): pass a "
                          f".csv or .tsv file with an id column and a label column")
@@ -119,6 +144,9 @@ def read_table(path, id_column="", label_column="", label_map=""):
         if "=" not in pair:
             raise InputError(f"--label-map {label_map}: give VALUE=CLASS pairs, e.g. CN=NC,EMCI=MCI,Dementia=AD")
         value, name = pair.split("=", 1)
+        if not name.strip():
+            raise InputError(f"--label-map {label_map}: {value} maps to no class; give a class after each '=', e.g. "
+                             f"{value}=NC")
         mapping[_normal(value)] = name.strip()
     table = Table(path, ids, label[0])
     for row in rows:
