@@ -168,6 +168,8 @@ def _decode_all(paths, size):
 def read_folder(path, image_size, with_names=False):
     """All images in a folder (recursive, sorted by path) or one image file, as uint8 N x 1 x S x S; with_names, also
     the paths they came from."""
+    if not os.path.exists(path):
+        raise InputError(f"{show_path(path)} does not exist: check the path, and pass an image or a folder of images")
     paths = [path] if os.path.isfile(path) else list_images(path) if os.path.isdir(path) else []
     images, keep, _, skipped = _decode_all(paths, image_size)
     for msg in skipped:

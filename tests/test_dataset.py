@@ -184,6 +184,17 @@ def test_read_folder_sorted_and_errors(tmp_path):
     assert one_line(e)
 
 
+def test_a_missing_input_path_is_said_not_to_exist(tmp_path):
+    for path in (tmp_path / "missing.png", tmp_path / "missing"):
+        with pytest.raises(InputError) as e:
+            dataset.read_folder(str(path), 8)
+        assert one_line(e) and str(e.value).startswith(f"{path} does not exist"), str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as e:
+        dataset.read_folder(str(tmp_path / "empty"), 8)
+    assert one_line(e) and "no readable images" in str(e.value)
+
+
 def test_cache_reused_then_rebuilt(tmp_path, monkeypatch):
     make_folder(tmp_path, 6)
     first = dataset.load_data(config(tmp_path))
