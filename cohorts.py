@@ -1,12 +1,16 @@
 """What real cohorts look like on disk: the OASIS and ADNI folder and file names, BIDS, the subject, session and image
 ids that paths carry, and the tables of labels cohorts come with (ADNI's collection CSVs and ADNIMERGE, OASIS-1's
-cross-sectional CSV, BIDS participants.tsv). dataset.py reads these layouts and demo.py writes them."""
+cross-sectional CSV, BIDS participants.tsv), matched to the files; and which subjects are held out. dataset.py reads
+these layouts and demo.py writes them."""
 import csv
 import hashlib
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
+
+import torch
 
 from utils import InputError, show_path
 
@@ -218,3 +222,41 @@ def match_files(files, table):
                          f"table ids like {written(in_table)} ({', '.join(table.id_columns)}): check --data-dir, or "
                          f"name the id column with --id-column")
     return result
+
+
+def labels_from(table, splits, root):
+    """The splits' files the table labels (the rest left out, said), their classes (sorted names) and
+    {path under root: class index}, and the Matching."""
+    files = [os.path.relpath(p, root) for paths in splits.values() for p in paths]
+    matching = match_files(files, table)
+    for subject in matching.conflicts:
+        print(f"warning: skipping {subject}: its rows in {show_path(table.path)} give different classes and its "
+              f"files carry no finer id", file=sys.stderr)
+    skipped = len(files) - len(matching.labels)
+    if skipped:
+        print(f"notice: {skipped} of {len(files)} files left out: {len(matching.unlabelled)} unlabelled (blank, or not "
+              f"in --label-map), {len(matching.unmatched)} not in the table, {len(matching.conflicts)} subjects in "
+              f"conflict ({show_path(table.path)})")
+    classes = sorted(set(matching.labels.values()))
+    if len(classes) < 2:
+        raise InputError(f"{show_path(table.path)} labels the files with {len(classes)} class "
+                         f"({', '.join(classes) or 'none'}) in column {table.label_column}: class conditioning needs "
+                         f"two or more; check --label-map or --label-column")
+    kept = {s: [p for p in paths if os.path.relpath(p, root) in matching.labels] for s, paths in splits.items()}
+    return ({s: p for s, p in kept.items() if p}, classes,
+            {f: classes.index(c) for f, c in matching.labels.items()}, matching)
+
+
+def held_out(subjects, share, seed, classes):
+    """A seeded share of the subjects ({subject: class index or None}) of each class, at least one of a class with two
+    or more: every class is held out, and a class of one subject, which cannot be, is named."""
+    held = set()
+    for group in sorted(set(subjects.values()), key=str):
+        names = sorted(u for u, c in subjects.items() if c == group)
+        n = max(1, round(share * len(names))) if len(names) >= 2 else 0
+        if not n and group is not None:
+            print(f"notice: {classes[group]} has only one subject ({show_path(names[0])}): it cannot be held out, so "
+                  f"the held-out split has no {classes[group]}; add {classes[group]} subjects to validate it")
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+        held |= {names[i] for i in order[:n]}
+    return held

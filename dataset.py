@@ -387,21 +387,6 @@ def _locate(cfg):
     return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
 
 
-def _held_out(subjects, seed, classes):
-    """A seeded VAL_SUBJECTS share of the subjects ({subject: class index or None}) of each class, at least one of a
-    class with two or more: every class is held out, and a class of one subject, which cannot be, is named."""
-    held = set()
-    for group in sorted(set(subjects.values()), key=str):
-        names = sorted(u for u, c in subjects.items() if c == group)
-        n = max(1, round(VAL_SUBJECTS * len(names))) if len(names) >= 2 else 0
-        if not n and group is not None:
-            print(f"notice: {classes[group]} has only one subject ({show_path(names[0])}): it cannot be held out, so "
-                  f"the held-out split has no {classes[group]}; add {classes[group]} subjects to validate it")
-        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
-        held |= {names[i] for i in order[:n]}
-    return held
-
-
 def label_table(cfg, root, bids, layout):
     """The table the classes come from: LABELS, or a BIDS dataset's participants.tsv when class conditioning asks for
     classes; None: the class folders."""
@@ -415,38 +400,15 @@ def label_table(cfg, root, bids, layout):
     return cohorts.read_table(path, cfg["ID_COLUMN"], cfg["LABEL_COLUMN"], cfg["LABEL_MAP"])
 
 
-def labels_from(table, splits, root):
-    """The splits' files the table labels (the rest left out, said), their classes (sorted names) and
-    {path under root: class index}, and the Matching."""
-    files = [os.path.relpath(p, root) for paths in splits.values() for p in paths]
-    matching = cohorts.match_files(files, table)
-    for subject in matching.conflicts:
-        print(f"warning: skipping {subject}: its rows in {show_path(table.path)} give different classes and its "
-              f"files carry no finer id", file=sys.stderr)
-    skipped = len(files) - len(matching.labels)
-    if skipped:
-        print(f"notice: {skipped} of {len(files)} files left out: {len(matching.unlabelled)} unlabelled (blank, or not "
-              f"in --label-map), {len(matching.unmatched)} not in the table, {len(matching.conflicts)} subjects in "
-              f"conflict ({show_path(table.path)})")
-    classes = sorted(set(matching.labels.values()))
-    if len(classes) < 2:
-        raise InputError(f"{show_path(table.path)} labels the files with {len(classes)} class "
-                         f"({', '.join(classes) or 'none'}) in column {table.label_column}: class conditioning needs "
-                         f"two or more; check --label-map or --label-column")
-    kept = {s: [p for p in paths if os.path.relpath(p, root) in matching.labels] for s, paths in splits.items()}
-    return ({s: p for s, p in kept.items() if p}, classes,
-            {f: classes.index(c) for f, c in matching.labels.items()}, matching)
-
-
 def _folder_held_out(names, label_of, classes, seed):
-    """Which images of a plain folder are held out: whole subjects (_held_out) where the names carry subject ids, else
-    a seeded VAL_FRACTION of the images, at least one when there are two."""
+    """Which images of a plain folder are held out: whole subjects (VAL_SUBJECTS of each class) where the names carry
+    subject ids, else a seeded VAL_FRACTION of the images, at least one when there are two."""
     subjects = [subject_of(n) for n in names]
     if any(re.search(SUBJECT_ID, n) for n in names):
         of = {}
         for n, u in zip(names, subjects):
             of.setdefault(u, label_of.get(n))
-        held = _held_out(of, seed, classes)
+        held = cohorts.held_out(of, VAL_SUBJECTS, seed, classes)
         return torch.tensor([u in held for u in subjects], dtype=torch.bool)
     n_val = max(1, round(VAL_FRACTION * len(names))) if len(names) >= 2 else 0
     held = torch.zeros(len(names), dtype=torch.bool)
@@ -460,7 +422,7 @@ def _volume_data(root, got, classes, label_of, seed):
     for s, c in got.items():  # 'all', or 'train' and 'val'
         subjects = [subject_of(f) for f in c["files"]]
         of = {u: label_of.get(f) for f, u, n in reversed(list(zip(c["files"], subjects, c["counts"]))) if n}
-        held = _held_out(of, seed, classes) if s == "all" else set()
+        held = cohorts.held_out(of, VAL_SUBJECTS, seed, classes) if s == "all" else set()
         in_val = [s == "val" or u in held for u in subjects]
         val.append(torch.tensor(in_val, dtype=torch.bool).repeat_interleave(c["counts"]))
         scans += [Scan(os.path.join(root, f), u, "val" if v else "train", n, label_of.get(f))
@@ -492,7 +454,7 @@ def load_data(cfg):
         splits = _split_files(layout, root, cfg, exclude)
     table = label_table(cfg, root, bids, layout)
     if table is not None:
-        splits, classes, label_of, matching = labels_from(table, splits, root)
+        splits, classes, label_of, matching = cohorts.labels_from(table, splits, root)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
         raise InputError(f"DATA_DIR {show_path(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
