@@ -1,12 +1,16 @@
 """What real cohorts look like on disk: the OASIS and ADNI folder and file names, BIDS, the subject, session and image
 ids that paths carry, and the tables of labels cohorts come with (ADNI's collection CSVs and ADNIMERGE, OASIS-1's
-cross-sectional CSV, BIDS participants.tsv). dataset.py reads these layouts and demo.py writes them."""
+cross-sectional CSV, BIDS participants.tsv), matched to the files; and which subjects are held out. dataset.py reads
+these layouts and demo.py writes them."""
 import csv
 import hashlib
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
+
+import torch
 
 from utils import InputError, show_path
 
@@ -22,6 +26,7 @@ BIDS_SKIP = ("derivatives", "sourcedata", "code", "stimuli")  # BIDS folders tha
 ID_COLUMNS = ("Image Data ID", "Subject", "PTID", "ID", "participant_id", "subject_id")  # found by name, any case
 LABEL_COLUMNS = ("Group", "DX", "DX_bl", "diagnosis", "group", "CDR")  # the first present is the label column
 LEVELS = ("image", "session", "subject", "name")  # how a file matches a table row, finest first
+DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon"}  # a table's: the one its header splits on most
 
 
 def subject_of(path):
@@ -85,22 +90,46 @@ class Table:
     digest: str = ""  # of the file and the settings that read it
 
 
+def _text(path):
+    """A table's text: UTF-8 (with or without a byte-order mark), else Latin-1, said in a notice."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        print(f"notice: {show_path(path)} is not UTF-8: read as Latin-1")
+        return raw.decode("latin-1")
+
+
+def _delimiter(text, path):
+    """The delimiter a table's header splits on into the most columns (its extension's on a tie), said in a notice
+    where it is not the one its extension stands for."""
+    expected = {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())
+    header = text.split("\n", 1)[0]
+    found = max(DELIMITERS, key=lambda d: (len(next(csv.reader([header], delimiter=d), [])), d == expected))
+    if expected and found != expected:
+        print(f"notice: reading {show_path(path)} as a {DELIMITERS[found]}-separated table (its header splits on "
+              f"{DELIMITERS[found]}s, not {DELIMITERS[expected]}s)")
+    return found
+
+
 def read_table(path, id_column="", label_column="", label_map=""):
     """A CSV or TSV table of labels: its id columns and label column found by their usual names (or given), its values
     mapped to classes by label_map ('CN=NC,SMC=NC,Dementia=AD'; without one, the values are the classes)."""
     shown = show_path(path)
     if not os.path.isfile(path):
         raise InputError(f"no label table at {shown}: pass --labels FILE (a CSV or TSV)")
-    delimiter = {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())
+    text = _text(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            text = f.read()
-        delimiter = delimiter or csv.Sniffer().sniff(text[:4096], delimiters=",\t").delimiter
-        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error):
-        raise InputError(f"{shown} is not a CSV or TSV table: pass a .csv or .tsv file of labels") from None
+        reader = csv.DictReader(text.splitlines(), delimiter=_delimiter(text, path))
+        rows, columns = list(reader), reader.fieldnames or []
+    except csv.Error:
+        rows = None
+    if rows is None or "\0" in text:  # NUL: a binary file
+        raise InputError(f"{shown} is not a CSV or TSV table: pass a .csv or .tsv file of labels")
+    if not rows:
+        raise InputError(f"{shown} holds no rows" + (f", only its header ({', '.join(columns)})" if columns else "") +
+                         ": add a row for each scan or subject, its id and its label")
     if len(columns) < 2:
         raise InputError(f"{shown} is not a CSV or TSV table (one column: {', '.join(columns) or 'none'}): pass a "
                          f".csv or .tsv file with an id column and a label column")
@@ -119,6 +148,9 @@ def read_table(path, id_column="", label_column="", label_map=""):
         if "=" not in pair:
             raise InputError(f"--label-map {label_map}: give VALUE=CLASS pairs, e.g. CN=NC,EMCI=MCI,Dementia=AD")
         value, name = pair.split("=", 1)
+        if not name.strip():
+            raise InputError(f"--label-map {label_map}: {value} maps to no class; give a class after each '=', e.g. "
+                             f"{value}=NC")
         mapping[_normal(value)] = name.strip()
     table = Table(path, ids, label[0])
     for row in rows:
@@ -190,3 +222,41 @@ def match_files(files, table):
                          f"table ids like {written(in_table)} ({', '.join(table.id_columns)}): check --data-dir, or "
                          f"name the id column with --id-column")
     return result
+
+
+def labels_from(table, splits, root):
+    """The splits' files the table labels (the rest left out, said), their classes (sorted names) and
+    {path under root: class index}, and the Matching."""
+    files = [os.path.relpath(p, root) for paths in splits.values() for p in paths]
+    matching = match_files(files, table)
+    for subject in matching.conflicts:
+        print(f"warning: skipping {subject}: its rows in {show_path(table.path)} give different classes and its "
+              f"files carry no finer id", file=sys.stderr)
+    skipped = len(files) - len(matching.labels)
+    if skipped:
+        print(f"notice: {skipped} of {len(files)} files left out: {len(matching.unlabelled)} unlabelled (blank, or not "
+              f"in --label-map), {len(matching.unmatched)} not in the table, {len(matching.conflicts)} subjects in "
+              f"conflict ({show_path(table.path)})")
+    classes = sorted(set(matching.labels.values()))
+    if len(classes) < 2:
+        raise InputError(f"{show_path(table.path)} labels the files with {len(classes)} class "
+                         f"({', '.join(classes) or 'none'}) in column {table.label_column}: class conditioning needs "
+                         f"two or more; check --label-map or --label-column")
+    kept = {s: [p for p in paths if os.path.relpath(p, root) in matching.labels] for s, paths in splits.items()}
+    return ({s: p for s, p in kept.items() if p}, classes,
+            {f: classes.index(c) for f, c in matching.labels.items()}, matching)
+
+
+def held_out(subjects, share, seed, classes):
+    """A seeded share of the subjects ({subject: class index or None}) of each class, at least one of a class with two
+    or more: every class is held out, and a class of one subject, which cannot be, is named."""
+    held = set()
+    for group in sorted(set(subjects.values()), key=str):
+        names = sorted(u for u, c in subjects.items() if c == group)
+        n = max(1, round(share * len(names))) if len(names) >= 2 else 0
+        if not n and group is not None:
+            print(f"notice: {classes[group]} has only one subject ({show_path(names[0])}): it cannot be held out, so "
+                  f"the held-out split has no {classes[group]}; add {classes[group]} subjects to validate it")
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+        held |= {names[i] for i in order[:n]}
+    return held

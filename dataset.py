@@ -26,11 +26,11 @@ from utils import InputError, show_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # files read as images (any case)
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
-VAL_FRACTION = 0.05  # held-out share of a plain image folder
+VAL_FRACTION = 0.05  # held-out share of a plain image folder whose names carry no subject id
 SEARCH_DEPTH = 3  # folder levels under DATA_DIR searched for an OASIS or ADNI layout
 FALLBACK_CACHE = "~/.cache/brain-ddpm"  # cache folder when the data folder is not writable
 VOLUME_SPLITS = {"train": "train", "val": "val", "validate": "val", "test": "test"}  # scan split folders (any case)
-VAL_SUBJECTS = 0.1  # held-out share of subjects in a folder of scans without split folders
+VAL_SUBJECTS = 0.1  # held-out share of subjects: scans without split folders, images named by subject id
 PREVIEW_SIDE = 8  # the --preview contact sheet is PREVIEW_SIDE x PREVIEW_SIDE images
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -75,11 +75,42 @@ class Data:
 
 
 # ---------------------------------------------------------------- reading images
-def _gray(im):
+def _scaled(a):
+    """A float array as an 8-bit grayscale image, scaled by its maximum (negative values black)."""
+    a = np.clip(a, 0, None)
+    return Image.fromarray((a * (255 / max(a.max(), 1e-8))).round().astype(np.uint8))
+
+
+def _deep(im):
+    """Whether im is a PNG or TIFF of two or more 16-bit channels, of which PIL reads only the high bytes."""
+    if len(im.getbands()) < 2:
+        return False
+    if im.format == "TIFF":
+        return set(im.tag_v2.get(258, (8,))) == {16}  # BitsPerSample
+    return im.format == "PNG" and bool(im.tile) and ";16" in str(im.tile[0].args)  # e.g. rawmode RGB;16B
+
+
+def _deep_luma(path, im):
+    """A 16-bit PNG or TIFF of two or more channels (gray or RGB, then alpha) as float32 luma, black where
+    transparent, decoded by torchvision or tifffile at its full depth."""
+    if im.format == "PNG":
+        from torchvision.io import ImageReadMode, decode_png, read_file
+        a = decode_png(read_file(path), ImageReadMode.UNCHANGED).permute(1, 2, 0).float().numpy()
+    else:
+        import tifffile
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            a = np.moveaxis(page.asarray(), page.axes.index("S"), -1).astype(np.float32)  # S: the samples' axis
+    colour = a[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32) if a.shape[-1] >= 3 else a[..., 0]  # as PIL's L
+    return colour * (a[..., -1] / 65535) if a.shape[-1] in (2, 4) else colour
+
+
+def _gray(im, path):
     """An 8-bit grayscale copy: black where transparent, 16-bit and float images scaled by their maximum."""
+    if _deep(im):
+        return _scaled(_deep_luma(path, im))
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.clip(np.asarray(im, dtype=np.float32), 0, None)
-        return Image.fromarray((a * (255 / max(a.max(), 1e-8))).round().astype(np.uint8))
+        return _scaled(np.asarray(im, dtype=np.float32))
     if "A" in im.getbands() or "transparency" in im.info:
         im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
     return im.convert("L")
@@ -93,7 +124,7 @@ def decode_image(path, size):
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} is over the {MAX_PIXELS} pixel limit")
-        im = _gray(im)
+        im = _gray(im, path)
     if w != h:
         square = Image.new("L", (max(w, h),) * 2)
         square.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
@@ -137,6 +168,8 @@ def _decode_all(paths, size):
 def read_folder(path, image_size, with_names=False):
     """All images in a folder (recursive, sorted by path) or one image file, as uint8 N x 1 x S x S; with_names, also
     the paths they came from."""
+    if not os.path.exists(path):
+        raise InputError(f"{show_path(path)} does not exist: check the path, and pass an image or a folder of images")
     paths = [path] if os.path.isfile(path) else list_images(path) if os.path.isdir(path) else []
     images, keep, _, skipped = _decode_all(paths, image_size)
     for msg in skipped:
@@ -354,18 +387,6 @@ def _locate(cfg):
     return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
 
 
-def _held_out(subjects, seed):
-    """A seeded VAL_SUBJECTS share of the subjects ({subject: class or None}) of each class, at least one of a class
-    with two or more: every class is held out."""
-    held = set()
-    for group in sorted(set(subjects.values()), key=str):
-        names = sorted(u for u, c in subjects.items() if c == group)
-        n = max(1, round(VAL_SUBJECTS * len(names))) if len(names) >= 2 else 0
-        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
-        held |= {names[i] for i in order[:n]}
-    return held
-
-
 def label_table(cfg, root, bids, layout):
     """The table the classes come from: LABELS, or a BIDS dataset's participants.tsv when class conditioning asks for
     classes; None: the class folders."""
@@ -379,27 +400,20 @@ def label_table(cfg, root, bids, layout):
     return cohorts.read_table(path, cfg["ID_COLUMN"], cfg["LABEL_COLUMN"], cfg["LABEL_MAP"])
 
 
-def labels_from(table, splits, root):
-    """The splits' files the table labels (the rest left out, said), their classes (sorted names) and
-    {path under root: class index}, and the Matching."""
-    files = [os.path.relpath(p, root) for paths in splits.values() for p in paths]
-    matching = cohorts.match_files(files, table)
-    for subject in matching.conflicts:
-        print(f"warning: skipping {subject}: its rows in {show_path(table.path)} give different classes and its "
-              f"files carry no finer id", file=sys.stderr)
-    skipped = len(files) - len(matching.labels)
-    if skipped:
-        print(f"notice: {skipped} of {len(files)} files left out: {len(matching.unlabelled)} unlabelled (blank, or not "
-              f"in --label-map), {len(matching.unmatched)} not in the table, {len(matching.conflicts)} subjects in "
-              f"conflict ({show_path(table.path)})")
-    classes = sorted(set(matching.labels.values()))
-    if len(classes) < 2:
-        raise InputError(f"{show_path(table.path)} labels the files with {len(classes)} class "
-                         f"({', '.join(classes) or 'none'}) in column {table.label_column}: class conditioning needs "
-                         f"two or more; check --label-map or --label-column")
-    kept = {s: [p for p in paths if os.path.relpath(p, root) in matching.labels] for s, paths in splits.items()}
-    return ({s: p for s, p in kept.items() if p}, classes,
-            {f: classes.index(c) for f, c in matching.labels.items()}, matching)
+def _folder_held_out(names, label_of, classes, seed):
+    """Which images of a plain folder are held out: whole subjects (VAL_SUBJECTS of each class) where the names carry
+    subject ids, else a seeded VAL_FRACTION of the images, at least one when there are two."""
+    subjects = [subject_of(n) for n in names]
+    if any(re.search(SUBJECT_ID, n) for n in names):
+        of = {}
+        for n, u in zip(names, subjects):
+            of.setdefault(u, label_of.get(n))
+        held = cohorts.held_out(of, VAL_SUBJECTS, seed, classes)
+        return torch.tensor([u in held for u in subjects], dtype=torch.bool)
+    n_val = max(1, round(VAL_FRACTION * len(names))) if len(names) >= 2 else 0
+    held = torch.zeros(len(names), dtype=torch.bool)
+    held[torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:n_val]] = True
+    return held
 
 
 def _volume_data(root, got, classes, label_of, seed):
@@ -408,7 +422,7 @@ def _volume_data(root, got, classes, label_of, seed):
     for s, c in got.items():  # 'all', or 'train' and 'val'
         subjects = [subject_of(f) for f in c["files"]]
         of = {u: label_of.get(f) for f, u, n in reversed(list(zip(c["files"], subjects, c["counts"]))) if n}
-        held = _held_out(of, seed) if s == "all" else set()
+        held = cohorts.held_out(of, VAL_SUBJECTS, seed, classes) if s == "all" else set()
         in_val = [s == "val" or u in held for u in subjects]
         val.append(torch.tensor(in_val, dtype=torch.bool).repeat_interleave(c["counts"]))
         scans += [Scan(os.path.join(root, f), u, "val" if v else "train", n, label_of.get(f))
@@ -433,14 +447,14 @@ def load_data(cfg):
                         f"any images or scans there, or pass --data-dir PATH")
     layout, root = find_layout(folder, exclude)
     bids, layout = layout == "bids", "volumes" if layout == "bids" else layout
-    label_of = {}
+    label_of, classes = {}, []
     if layout == "volumes":
         splits, classes, label_of = _volume_splits(root, exclude, cfg["BIDS_SUFFIX"] if bids else None)
     else:
         splits = _split_files(layout, root, cfg, exclude)
     table = label_table(cfg, root, bids, layout)
     if table is not None:
-        splits, classes, label_of, matching = labels_from(table, splits, root)
+        splits, classes, label_of, matching = cohorts.labels_from(table, splits, root)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
         raise InputError(f"DATA_DIR {show_path(folder)} holds " + ("only segmentation masks (keras_png_slices_seg_*), "
@@ -462,12 +476,10 @@ def load_data(cfg):
         val = got["validate"]["images"], got["validate"]["names"]
     elif layout == "adni":
         train, val = ((got[s]["images"], got[s]["names"]) for s in ADNI_SPLITS)
-    elif layout == "folder":  # a seeded 95/5 split, at least one held-out image when there are two
+    elif layout == "folder":
         images, names = got["all"]["images"], got["all"]["names"]
-        n_val = max(1, round(VAL_FRACTION * len(images))) if len(images) >= 2 else 0
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["SEED"]))
-        train, val = ((images[p], [names[i] for i in p.tolist()]) for p in (perm[n_val:].sort().values,
-                                                                            perm[:n_val].sort().values))
+        held = _folder_held_out(names, label_of, classes, cfg["SEED"])
+        train, val = ((images[m], [n for n, v in zip(names, m.tolist()) if v]) for m in (~held, held))
     if layout == "volumes":
         data, unnamed = _volume_data(root, got, classes, label_of, cfg["SEED"]), None
     else:

@@ -65,7 +65,8 @@ def load_ras(path):
     ornt = io_orientation(img.affine)  # for each voxel axis: the RAS axis it runs along, and whether reversed
     ras_zooms = np.empty(3)
     ras_zooms[ornt[:, 0].astype(int)] = zooms
-    return apply_orientation(data, ornt), ras_zooms, notice
+    # a view of nibabel's read-only buffer (a float32 X x Y x Z x 1 scan) is copied: normalise writes in place
+    return np.require(apply_orientation(data, ornt), requirements="W"), ras_zooms, notice
 
 
 def normalise(vol):

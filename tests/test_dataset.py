@@ -2,8 +2,10 @@
 import functools
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -136,6 +138,41 @@ def test_image_modes_and_sizes(tmp_path):
     assert big[0, 16] == 0 and abs(big[16, 16] - 90) < 2  # 128x96 padded top and bottom
 
 
+def png16(path, a):
+    """An H x W x C uint16 array as a 16-bit PNG (gray, gray+alpha, RGB, RGBA), written by hand: PIL cannot."""
+    h, w, c = a.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in a)  # filter type 0 on every row
+    chunk = lambda kind, d: struct.pack(">I", len(d)) + kind + d + struct.pack(">I", zlib.crc32(kind + d))  # noqa
+    head = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw)) +
+                     chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_images_keep_their_full_range(tmp_path):
+    """16-bit RGB and RGBA TIFFs (12-bit data here) and 16-bit RGB and gray+alpha PNGs read as their 16-bit grayscale
+    twin does, scaled by their maximum (PIL alone keeps their high bytes: near black)."""
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.zeros((48, 48), np.uint16)
+    ramp[8:40, 8:40] = np.linspace(400, 4000, 32).round().astype(np.uint16)  # 12-bit data
+    Image.fromarray(ramp).save(tmp_path / "a_gray16.png")
+    rgb, opaque = np.stack([ramp] * 3, -1), np.full((48, 48, 1), 65535, np.uint16)
+    tifffile.imwrite(tmp_path / "b_rgb16.tif", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "c_rgba16.tif", np.concatenate([rgb, opaque], -1), photometric="rgb",
+                     extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "d_planar16.tif", rgb.transpose(2, 0, 1), photometric="rgb", planarconfig="separate")
+    png16(tmp_path / "e_rgb16.png", rgb)
+    png16(tmp_path / "f_gray_alpha16.png", np.concatenate([ramp[..., None], opaque], -1))
+    half = np.concatenate([rgb, opaque], -1)
+    half[:, :24, 3] = 0  # transparent on the left: black
+    tifffile.imwrite(tmp_path / "g_half_transparent16.tif", half, photometric="rgb", extrasamples=["unassalpha"])
+    x, names = dataset.read_folder(str(tmp_path), 32, with_names=True)
+    x = x[:, 0].int()
+    assert len(x) == 7 and x[0].max() == 255
+    for image, name in zip(x[1:6], names[1:6]):
+        assert (image - x[0]).abs().max() <= 1, name
+    assert x[6][:, :13].max() == 0 and (x[6][:, 19:] - x[0][:, 19:]).abs().max() <= 1
+
+
 def test_read_folder_sorted_and_errors(tmp_path):
     for i, v in enumerate((10, 20, 30)):
         Image.new("L", (8, 8), v).save(tmp_path / f"{2 - i}.png")
@@ -145,6 +182,17 @@ def test_read_folder_sorted_and_errors(tmp_path):
     with pytest.raises(InputError) as e:
         dataset.read_folder(str(tmp_path / "missing"), 8)
     assert one_line(e)
+
+
+def test_a_missing_input_path_is_said_not_to_exist(tmp_path):
+    for path in (tmp_path / "missing.png", tmp_path / "missing"):
+        with pytest.raises(InputError) as e:
+            dataset.read_folder(str(path), 8)
+        assert one_line(e) and str(e.value).startswith(f"{path} does not exist"), str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as e:
+        dataset.read_folder(str(tmp_path / "empty"), 8)
+    assert one_line(e) and "no readable images" in str(e.value)
 
 
 def test_cache_reused_then_rebuilt(tmp_path, monkeypatch):

@@ -174,7 +174,8 @@ def test_dataset_py_reports_the_matching(tmp_path):
 @pytest.mark.parametrize("case, expected", [
     ("no match", "no file matches"), ("no column", "has no a label column"),
     ("one class", "labels the files with 1 class (NC)"), ("not a table", "is not a CSV or TSV table"),
-    ("bad map", "--label-map CN: give VALUE=CLASS pairs")])
+    ("bad map", "--label-map CN: give VALUE=CLASS pairs"), ("header only", "holds no rows"),
+    ("empty class", "--label-map CN=,AD=AD: CN maps to no class")])
 def test_bad_tables_get_one_line_before_training(tmp_path, case, expected):
     scans, table = adni_tree(tmp_path)
     flags = {"LABELS": table, "LABEL_MAP": ADNI_MAP}
@@ -187,6 +188,10 @@ def test_bad_tables_get_one_line_before_training(tmp_path, case, expected):
     elif case == "not a table":
         (tmp_path / "notes.txt").write_bytes(b"\x00\x01\x02 binary")
         flags["LABELS"] = str(tmp_path / "notes.txt")
+    elif case == "header only":
+        flags["LABELS"] = write_table(tmp_path / "other.csv", ["Subject", "Group"], [])
+    elif case == "empty class":
+        flags["LABEL_MAP"] = "CN=,AD=AD"
     else:
         flags["LABEL_MAP"] = "CN"
     with pytest.raises(InputError) as e:
@@ -197,6 +202,50 @@ def test_bad_tables_get_one_line_before_training(tmp_path, case, expected):
         assert "099_S_9999" in str(e.value)
     if case == "no column":
         assert "Subject, Sex" in str(e.value)  # its columns, listed
+
+
+def test_image_slices_named_by_subject_keep_their_subjects_together(tmp_path, capsys):
+    """A folder of slices named by ADNI subject id with a table of labels: whole subjects are held out, one of each
+    class that has two or more; a class of one subject, which cannot be held out, is named."""
+    from PIL import Image
+    groups = {f"{100 + i:03d}_S_{1000 + i:04d}": "NC" if i < 6 else "AD" if i < 11 else "MCI" for i in range(12)}
+    os.makedirs(tmp_path / "slices")
+    for subject, group in groups.items():
+        for z in range(6):
+            Image.fromarray(np.full((16, 16), CLASS_LEVEL[group] // 4 + z, np.uint8)).save(
+                tmp_path / "slices" / f"ADNI_{subject}_slice_{z}.png")
+    table = write_table(tmp_path / "groups.csv", ["Subject", "Group"], list(groups.items()))
+    data = dataset.load_data(config(tmp_path / "slices", LABELS=table))
+    assert data.layout == "folder" and data.classes == ["AD", "MCI", "NC"] and len(data.train) + len(data.val) == 72
+    held = {cohorts.subject_of(n) for n in data.val_names}
+    assert len(data.val) == 6 * len(held) and data.val_labels.unique().tolist() == [0, 2]  # whole subjects: AD, NC
+    assert "notice: MCI has only one subject (111_S_1011)" in capsys.readouterr().out
+
+
+def test_a_class_of_one_scanned_subject_is_named(tmp_path, capsys):
+    root, table = oasis_tree(tmp_path)
+    data = dataset.load_data(config(root, LABELS=table, LABEL_MAP="0=NC,0.5=MCI,1=AD,2=severe"))
+    assert data.classes == ["AD", "MCI", "NC", "severe"] and 3 not in data.val_labels.tolist()
+    assert "notice: severe has only one subject (OAS1_0008)" in capsys.readouterr().out
+
+
+def test_tables_as_spreadsheets_save_them(tmp_path, capsys):
+    """A TSV saved as .csv, a semicolon-separated CSV (European Excel), a Latin-1 CSV and a UTF-8 one with a byte-order
+    mark label the files as the plain CSV does, each said in a notice where it is not what its name says."""
+    scans, table = adni_tree(tmp_path)
+    reference = scans_by_class(dataset.load_data(config(scans, LABELS=table, LABEL_MAP=ADNI_MAP)))
+    text = open(table).read().replace("Modality", "Modalité")
+    variants = {"tabs.csv": (text.replace(",", "\t"), "utf-8", "as a tab-separated table"),
+                "semicolons.csv": (text.replace(",", ";"), "utf-8", "as a semicolon-separated table"),
+                "latin1.csv": (text, "latin-1", "is not UTF-8: read as Latin-1"), "bom.csv": (text, "utf-8-sig", None)}
+    capsys.readouterr()
+    for name, (content, encoding, notice) in variants.items():
+        (tmp_path / name).write_bytes(content.encode(encoding))
+        data = dataset.load_data(config(scans, LABELS=str(tmp_path / name), LABEL_MAP=ADNI_MAP))
+        assert scans_by_class(data) == reference, name
+        out = capsys.readouterr().out
+        said = [line for line in out.splitlines() if "notice: reading" in line or "not UTF-8" in line]
+        assert len(said) == bool(notice) and all(notice in line and str(tmp_path / name) in line for line in said), out
 
 
 def test_ids_found_in_paths_and_tables():

@@ -109,6 +109,39 @@ def test_intensity_is_robust_and_dtype_free(tmp_path):
     assert got.shape == ref.shape and (got.int() - ref.int()).abs().float().mean() < 1
 
 
+def stored(vol, path, dtype, kind=nibabel.Nifti1Image):
+    """vol saved as another tool would store it: float32 or float64 as they are, uint8 rounded, int16 scaled by
+    scl_slope and scl_inter (nibabel picks them, as SPM does)."""
+    img = kind(vol.astype(np.float64 if dtype == np.float64 else np.float32), np.eye(4))
+    img.set_data_dtype(dtype)
+    nibabel.save(img, str(path))
+    return path
+
+
+def test_scans_as_other_tools_write_them(tmp_path):
+    """float32, float64, scaled int16 and uint8 scans, 3-D and X x Y x Z x 1 (FSL, ANTs), as .nii, .nii.gz, Analyze
+    and MGZ (always stored 4-D), all read as the same slices."""
+    vol = head()
+    reference = slices(save(vol, tmp_path / "ref.nii.gz", dtype=np.float32))
+    paths = [stored(v, tmp_path / f"{np.dtype(t).name}_{v.ndim}d{ext}", t) for t in (np.float32, np.float64, np.int16,
+             np.uint8) for v in (vol, vol[..., None]) for ext in (".nii", ".nii.gz")]
+    paths += [stored(v[::-1], tmp_path / f"analyze_{v.ndim}d.hdr", np.float32, nibabel.AnalyzeImage)  # read as LAS
+              for v in (vol, vol[..., None])] + [stored(vol, tmp_path / "freesurfer.mgz", np.float32, nibabel.MGHImage)]
+    assert nibabel.load(str(tmp_path / "int16_4d.nii")).dataobj.slope != 1  # really scaled
+    for path in paths:
+        images, positions, desc, notice = slices(path)
+        assert desc == "40x48x36 1x1x1 mm" and notice is None, path
+        assert torch.equal(positions, reference[1]) and (images.int() - reference[0].int()).abs().max() <= 1, path
+
+
+def test_nibabels_own_test_scans(tmp_path):
+    from nibabel.testing import data_path
+    images, _, desc, notice = slices(os.path.join(data_path, "anatomical.nii"))  # big-endian int16, 3-D
+    assert desc == "33x41x25 2x2x2 mm" and notice is None and len(images) > 5 and images.max() == 255
+    images, _, desc, notice = slices(os.path.join(data_path, "example4d.nii.gz"))  # int16, 4-D
+    assert desc.startswith("128x96x24 ") and "holds 2 volumes" in notice and images.max() > 200
+
+
 def test_slice_choice_and_positions(tmp_path, monkeypatch):
     path = save(head(), tmp_path / "h.nii.gz")
     images, positions, _, _ = slices(path)
