@@ -4,25 +4,33 @@ from dataclasses import dataclass
 
 
 @dataclass
+class Costs:
+    """Seconds that parts of a run take, measured in its first steps (a step's again as the run goes)."""
+    step: float  # one optimizer step
+    validation: float  # one validation pass
+    checkpoint: float  # one checkpoint save
+    grid: float  # one training sample grid
+
+
+@dataclass
 class Plan:
     """How long a run trains: its steps (EPOCHS passes, or what a time budget buys), the minutes they fill (the budget,
     or more to reach MIN_STEPS), the seconds kept for the last validation, samples and checkpoint, the settings it
-    was made for (a resumed run with others plans again), and the minutes after which the clock stops a run that
-    slowed down: the budget's; for a floor, MAX_TRAIN_MINUTES, so that a slowdown costs time, not steps (0: never)."""
+    was made for (a resumed run with others plans again), the minutes after which the clock stops a run that
+    slowed down more than a revised plan can follow (the deadline: see plan_steps; 0: never), and the costs it was
+    made from (None: EPOCHS decide)."""
     steps: int
     minutes: float = 0.0
     final_s: float = 0.0
     made_for: tuple = ()
     deadline: float = 0.0
+    costs: Costs | None = None
 
-
-@dataclass
-class Costs:
-    """Seconds that parts of a run take, measured in its first steps."""
-    step: float  # one optimizer step
-    validation: float  # one validation pass
-    checkpoint: float  # one checkpoint save
-    grid: float  # one training sample grid
+    @classmethod
+    def from_saved(cls, saved):
+        """A Plan as a checkpoint stores it (asdict)."""
+        costs = saved.get("costs")
+        return cls(**{**saved, "costs": costs and Costs(**costs)})
 
 
 def made_for(cfg):
@@ -45,8 +53,11 @@ def grid_seconds(cfg, validation_s, val_images, grid_images, grid_steps):
 def plan_steps(cfg, step, elapsed_s, costs, steps_per_epoch):
     """The plan at `step`, elapsed_s seconds into the run: a step costs costs.step plus its share of the validations
     (one an epoch), sample grids (every SAMPLE_EVERY epochs) and checkpoints (every CHECKPOINT_EVERY steps); the last
-    validation, grid and checkpoint are kept free. TRAIN_MINUTES sets the time, unless it buys fewer than MIN_STEPS
-    steps: then the time it takes to reach them, at most MAX_TRAIN_MINUTES (0: no limit)."""
+    validation, grid and checkpoint are kept free.
+
+    The rule, stated here once: TRAIN_MINUTES sets the time, and its deadline. Where it buys fewer than MIN_STEPS
+    steps, training takes the time it needs to reach them, at most MAX_TRAIN_MINUTES (0: no limit), which is then
+    the deadline: a slowdown costs time, not steps, up to it."""
     per_step = (costs.step + costs.validation / steps_per_epoch + costs.grid / (steps_per_epoch * cfg["SAMPLE_EVERY"])
                 + costs.checkpoint / cfg["CHECKPOINT_EVERY"])
     final_s = costs.validation + costs.grid + costs.checkpoint
@@ -58,34 +69,27 @@ def plan_steps(cfg, step, elapsed_s, costs, steps_per_epoch):
         deadline = max(cfg["MAX_TRAIN_MINUTES"], cfg["TRAIN_MINUTES"]) if cfg["MAX_TRAIN_MINUTES"] else 0.0
         if deadline and minutes > deadline:
             minutes, steps = deadline, within(deadline)
-    return Plan(steps, minutes, final_s, made_for(cfg), deadline)
+    return Plan(steps, minutes, final_s, made_for(cfg), deadline, costs)
 
 
-def predict_seconds(cfg, num_classes, forward_s, probe_s):
-    """predict.py's seconds as train_predict.sh runs it, told from one image's forward pass (forward_s) and one
-    training of the probe network (probe_s, 0 when it is cached): NUM_SAMPLES samples in SAMPLE_STEPS steps and 8
-    held-out slices denoised from half-way; for conditional models also conditions.png, the slice sweep, and the
-    train-on-synthetic test (256 samples, two more trainings of the probe's kind); start-up, pictures and metrics."""
-    images, trainings = cfg["NUM_SAMPLES"] + 8 / 2, 1
-    if cfg["CONDITION"] != "none":
-        images += PREDICT_COLUMNS * max(1, num_classes)
-    if "slice" in cfg["CONDITION"]:
-        images += PREDICT_COLUMNS * 2 * max(1, num_classes)
-    if "class" in cfg["CONDITION"]:
-        images, trainings = images + 256, 3
-    return forward_s * network_calls(cfg) * cfg["SAMPLE_STEPS"] * images + trainings * probe_s + PREDICT_OVERHEAD_S
+def sampling_seconds(cfg, forward_s, images):
+    """Seconds to draw `images` samples with the configured sampler, told from one image's forward pass."""
+    steps = cfg["TIMESTEPS"] if cfg["SAMPLER"] == "ddpm" else cfg["SAMPLE_STEPS"]
+    return forward_s * network_calls(cfg) * steps * images
 
 
-PREDICT_COLUMNS = 8  # conditions.png: samples per class (a slice sweep: twice as many)
-PREDICT_OVERHEAD_S = 12  # predict.py's start-up, pictures and metrics (quick profile, 2-core CPU: 12 s measured)
+def speed_moved(plan, step_s, change):
+    """Whether steps now cost step_s seconds, more than `change` (a share) away from what the plan was made from."""
+    return plan.costs is not None and abs(step_s / plan.costs.step - 1) > change
 
 
-def describe(cfg, step, elapsed_s, costs, steps_per_epoch, speed, setup_s, predict_s):
+def plan_in_words(cfg, step, elapsed_s, costs, steps_per_epoch, speed, setup_s, sample_s, revised=False):
     """The plan in words, for a run training `speed` images/s after setup_s seconds of demo, data and model: the steps,
-    the time training will take and why, and the whole job's."""
+    the time training will take and why, and roughly the whole job's, with sample_s seconds for predict.py's
+    NUM_SAMPLES samples."""
     plan = plan_steps(cfg, step, elapsed_s, costs, steps_per_epoch)
     bought = plan_steps(dict(cfg, MIN_STEPS=0), step, elapsed_s, costs, steps_per_epoch).steps
-    say = f"plan: this machine trains {speed:,.0f} images/s: "
+    say = f"plan{' revised at step ' + format(step, ',') if revised else ''}: this machine trains {speed:,.0f} images/s: "
     if plan.steps <= bought:
         say += f"{plan.steps:,} steps fill the {plan.minutes:g}-minute budget"
     elif plan.steps >= cfg["MIN_STEPS"]:
@@ -97,5 +101,6 @@ def describe(cfg, step, elapsed_s, costs, steps_per_epoch, speed, setup_s, predi
         say += (f"the {cfg['MIN_STEPS']:,} steps these samples need (MIN_STEPS) would take {needed:.0f} minutes: "
                 f"training the {plan.minutes:g}-minute limit (MAX_TRAIN_MINUTES) for {plan.steps:,} steps, expect "
                 f"grainier samples (--max-train-minutes {needed:.0f} reaches them)")
-    total = setup_s + 60 * plan.minutes + predict_s
-    return say + f"; then predict.py, about {predict_s / 60:.0f} min: about {total / 60:.0f} minutes in all"
+    total = setup_s + 60 * plan.minutes + sample_s
+    return say + (f"; then predict.py's {cfg['NUM_SAMPLES']} samples, about {sample_s / 60:.0f} min: about "
+                  f"{total / 60:.0f} minutes in all")

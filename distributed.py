@@ -1,6 +1,8 @@
-"""Several processes (torchrun): which one this is, the data read once, one rank's numbers sent to all, and the
-weights checked equal at the end. A single process (no torchrun) is rank 0 of 1 and none of this talks."""
+"""The training processes: under torchrun, which one this is, the data read once, one rank's numbers sent to all,
+and the weights checked equal at the end (a single process is rank 0 of 1 and none of this talks); and Ctrl-C or
+SIGTERM, asking the run to stop."""
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -49,3 +51,18 @@ def check_ranks_agree(model, rank, world):
               f"warning: ranks differ by {gap.item():.2e}")
     dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: the first asks the run to stop after the current step (it then saves and exits with
+    code 130); a second interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, _signum, _frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True

@@ -9,10 +9,10 @@ With a time budget (TRAIN_MINUTES) the first steps are timed and the budget is t
 plan, printed before training goes on; the learning rate then follows the step alone.
 """
 import csv
+import dataclasses
 import functools
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +26,7 @@ import budget
 import checkpoints
 import dataset
 import distributed
-import evaluate
+import objective
 import pictures
 import utils
 from budget import Plan
@@ -41,6 +41,7 @@ GRID_SAMPLES = 36  # images in each training sample grid
 GRID_STEPS = 25  # sampler steps of the training grids, previews that should not eat the budget (at most SAMPLE_STEPS)
 PLAN_SKIP = 10  # a time budget's plan: first steps of a process left untimed (compilation, memory allocation)
 PLAN_STEPS = 40  # a time budget's plan: steps timed after those, to turn the budget into a number of steps
+REPLAN_CHANGE = 0.15  # a time budget's plan is made again when steps since it cost more than this share off it
 PROCESS_START = time.time()  # when this process started (the demo and the data are read before training)
 
 
@@ -76,53 +77,9 @@ def ema_lerp(ema_params, params, num_averaged, max_decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def batch_loss(model, schedule, x0, t, noise, cond, cfg, bf16):
-    """Per-image min-SNR-weighted MSE of the network's prediction (under bf16 autocast if asked); cond = (class
-    labels, slice positions), either None where the model has no such condition."""
-    x_t = schedule.q_sample(x0, t, noise)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(x_t, t, *cond)
-    err = (out.float() - schedule.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
-    return err * schedule.loss_weight(t, cfg["MIN_SNR_GAMMA"])
-
-
-def training_timesteps(cfg, n, gen, device):
-    """n training timesteps: uniform, logit-normal (t / T = sigmoid(z), z ~ N(0, 1)), or edm (ln of the noise-to-signal
-    ratio ~ N(EDM_MEAN, EDM_STD^2), each taken to the first step t whose ratio reaches it)."""
-    if cfg["TIMESTEP_SAMPLING"] == "uniform":
-        return torch.randint(0, cfg["TIMESTEPS"], (n,), generator=gen, device=device)
-    if cfg["TIMESTEP_SAMPLING"] == "logit-normal":
-        u = torch.randn(n, generator=gen, device=device).sigmoid()
-        return (u * cfg["TIMESTEPS"]).long().clamp(max=cfg["TIMESTEPS"] - 1)
-    ratio = (cfg["EDM_MEAN"] + cfg["EDM_STD"] * torch.randn(n, generator=gen, device=device)).exp()
-    levels = utils.noise_to_signal(cfg["BETA_SCHEDULE"], cfg["TIMESTEPS"], device)
-    return torch.searchsorted(levels, ratio).clamp(max=cfg["TIMESTEPS"] - 1)
-
-
-def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, positions=None):
-    """This rank's share of a global batch: x0 in [-1, 1], t, noise, and cond = (class labels, slice positions),
-    each condition dropped on its own with chance COND_DROP (to -1 and NaN: 'not given'), None where not given.
-
-    Every rank draws the whole global batch's random numbers, so any world size sees the same ones.
-    """
-    n, mine = len(idx), slice(rank * (len(idx) // world), (rank + 1) * (len(idx) // world))
-    noise = torch.randn((n, *images.shape[1:]), generator=gen, device=device)[mine]
-    t = training_timesteps(cfg, n, gen, device)[mine]
-    flip = torch.rand(n, generator=gen, device=device)[mine] < 0.5
-    drop_class, drop_slice = torch.rand(2, n, generator=gen, device=device)[:, mine] < cfg["COND_DROP"]
-    x0 = images[idx[mine]].to(device, non_blocking=True).float().div_(127.5).sub_(1)
-    layout = utils.memory_format(utils.wants_bf16(cfg, device), device)
-    x0 = x0.contiguous(memory_format=layout)
-    if cfg["HFLIP"]:
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    labels = None if labels is None else torch.where(drop_class, -1, labels[idx[mine]])
-    positions = None if positions is None else torch.where(drop_slice, torch.nan, positions[idx[mine]])
-    return x0, t, noise.contiguous(memory_format=layout), (labels, positions)
-
-
 def train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, bf16):
     """One optimizer step; returns (loss, skipped) as device tensors, without syncing with the host."""
-    loss = batch_loss(net, schedule, x0, t, noise, cond, cfg, bf16).mean()
+    loss = objective.batch_loss(net, schedule, x0, t, noise, cond, cfg, bf16).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
@@ -148,8 +105,8 @@ def validation_loss(model, schedule, val, val_cond, cfg, device, bf16):
     for i in range(0, n, cfg["BATCH_SIZE"]):
         part = slice(i, i + cfg["BATCH_SIZE"])
         given = [None if c is None else c[part].to(device) for c in cond]
-        total += batch_loss(model, schedule, x0[part].to(device), t[part].to(device), noise[part].to(device), given,
-                            cfg, bf16).sum().item()
+        total += objective.batch_loss(model, schedule, x0[part].to(device), t[part].to(device),
+                                      noise[part].to(device), given, cfg, bf16).sum().item()
     return total / n
 
 
@@ -170,6 +127,7 @@ def sample_grid(ema_model, guide, schedule, cfg, device, path, classes):
     x = schedule.sample(denoiser, (GRID_SAMPLES, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"]), "dpm++sde",
                         grid_steps(cfg), generator=gen, device=device, spacing=cfg["STEP_SPACING"])
     utils.save_png(x, path, nrow=6)
+    return x
 
 
 def csv_row(row):
@@ -200,6 +158,7 @@ class Run:
     noise_gen: torch.Generator
     bf16: bool  # bf16 autocast (BF16 on this device)
     setup_s: float  # seconds this process took before training (the demo, the data, the model)
+    board: object = None  # a TensorBoard SummaryWriter into OUTPUT_DIR/tb/ (rank 0, where tensorboard is installed)
 
     @property
     def master(self):
@@ -219,7 +178,7 @@ class Progress:
     history: list = field(default_factory=list)  # the rows of log.csv
     plan: Plan | None = None  # None until a time budget's first steps are timed
     best_ema: dict | None = None  # EMA weights of the lowest validation loss, not yet written to best.pt
-    guide: dict | None = None  # {"step", "weights"}: the EMA at GUIDE_AT of the run, for autoguidance
+    snapshot: dict | None = None  # {"step", "weights"}: the EMA at GUIDE_AT of the run, the guide of autoguidance
     elapsed_before: float = 0.0  # seconds of training before this process started
     started: float = field(default_factory=lambda: now())
     out_of_time: bool = False  # the clock says the budget is spent, whatever the plan said
@@ -227,6 +186,8 @@ class Progress:
     timer: float = 0.0  # when the plan's timed steps began
     window_start: float = field(default_factory=lambda: now())  # the current log window
     window_steps: int = 0
+    paced_s: float = 0.0  # training seconds since the plan was made or revised (validations and grids left out)
+    paced_steps: int = 0  # and the steps they took
     loss_sum: torch.Tensor = field(init=False)
     bad_run: torch.Tensor = field(init=False)  # non-finite losses in a row
     bad_total: torch.Tensor = field(init=False)
@@ -253,21 +214,6 @@ class Progress:
     def total(self):
         """The run's steps, where known: what the learning rate decays over."""
         return self.plan.steps if self.plan else None
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM: the first asks the run to stop after the current step (it then saves and exits with
-    code 130); a second interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, _signum, _frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
 
 
 def parse_settings():
@@ -324,7 +270,7 @@ def kept_plan(run, saved):
     if not run.cfg["TRAIN_MINUTES"]:
         return Plan(run.steps_per_epoch * run.cfg["EPOCHS"])
     if saved and tuple(saved["made_for"]) == budget.made_for(run.cfg):
-        return Plan(**saved)
+        return Plan.from_saved(saved)
     return None
 
 
@@ -353,11 +299,11 @@ def resume(run, fresh):
         print(f"resuming from {resumed_from} at step {state['step']:,} (use --fresh to start over)")
     history = state["history"]
     return Progress(run.device, state["step"], state["best_val"], history, kept_plan(run, state.get("plan")),
-                    guide=state.get("guide"),
+                    snapshot=state.get("guide"),
                     elapsed_before=state.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0))
 
 
-def describe(run):
+def say_model(run):
     """One line: the model's size and the batch plan."""
     cfg = run.cfg
     length = (f"a {cfg['TRAIN_MINUTES']:g}-minute budget" + (f" (at least {cfg['MIN_STEPS']:,} steps)"
@@ -382,11 +328,16 @@ def log_row(run, progress, val_loss=""):
     else:  # an epoch that ended right on a log step
         last = progress.history[-1] if progress.history else {"loss": float("nan"), "img_per_s": 0.0}
         loss, rate = last["loss"], last["img_per_s"]
+    progress.paced_s += now() - progress.window_start
+    progress.paced_steps += progress.window_steps
     row = {"step": progress.step, "epoch": progress.step / run.steps_per_epoch, "loss": loss, "val_loss": val_loss,
            "lr": learning_rate(run.cfg, progress.step, progress.total()), "img_per_s": rate,
            "elapsed_s": progress.elapsed()}
     progress.loss_sum.zero_()
     progress.window_start, progress.window_steps = now(), 0
+    if run.board is not None:
+        for name in ("loss", "lr", "img_per_s") + (("val_loss",) if val_loss != "" else ()):
+            run.board.add_scalar(name, row[name], progress.step)
     if run.master:
         progress.history.append(row)
         with open(run.path("log.csv"), "a", newline="") as f:
@@ -402,7 +353,8 @@ def save(run, progress):
              "best_val": progress.best_val, "history": progress.history, "fingerprint": run.data.fingerprint,
              "classes": run.classes, "noise_rng": run.noise_gen.get_state(),
              "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict(),
-             "elapsed_s": progress.elapsed(), "plan": progress.plan and asdict(progress.plan), "guide": progress.guide}
+             "elapsed_s": progress.elapsed(), "plan": progress.plan and asdict(progress.plan),
+             "guide": progress.snapshot}
     checkpoints.save_checkpoint(state, run.path("checkpoint.pt"))
     if progress.best_ema is not None:
         best = {k: v for k, v in state.items() if k not in ("optimizer", "model", "ema")}
@@ -420,31 +372,54 @@ def time_first_steps(run, progress):
     if done == PLAN_SKIP:
         progress.timer = now()
     elif done == PLAN_SKIP + PLAN_STEPS:
-        make_plan(run, progress, (now() - progress.timer) / PLAN_STEPS)
+        step_s = (now() - progress.timer) / PLAN_STEPS
+        make_plan(run, progress, measure_costs(run, progress, step_s) if run.master else None)
 
 
-def make_plan(run, progress, step_s):
-    """budget.plan_steps on rank 0, every rank getting its answer; a validation, a checkpoint and a few steps of the
-    probe network's training (for predict.py's time) are timed now."""
-    cfg, answer = run.cfg, torch.zeros(3, dtype=torch.float64, device=run.device)
+def measure_costs(run, progress, step_s):
+    """Rank 0: what the parts of a run cost: steps of step_s seconds, a validation and a checkpoint timed now, a
+    sample grid told from the validation."""
+    val_s, save_s, val_images = validate(run, progress), save(run, progress), min(VAL_IMAGES, len(run.data.val))
+    return budget.Costs(step_s, val_s, save_s,
+                        budget.grid_seconds(run.cfg, val_s, val_images, GRID_SAMPLES, grid_steps(run.cfg)))
+
+
+def make_plan(run, progress, costs, revised=False):
+    """budget.plan_steps from these costs on rank 0 (None elsewhere), said in words; every rank gets its answer. The
+    steps taken from now on are timed afresh (follow_speed)."""
+    cfg, answer = run.cfg, torch.zeros(4, dtype=torch.float64, device=run.device)
     if run.master:
-        val_s, save_s, val_images = validate(run, progress), save(run, progress), min(VAL_IMAGES, len(run.data.val))
-        costs = budget.Costs(step_s, val_s, save_s,
-                             budget.grid_seconds(cfg, val_s, val_images, GRID_SAMPLES, grid_steps(cfg)))
         at = (cfg, progress.step, progress.elapsed(), costs, run.steps_per_epoch)
         plan = budget.plan_steps(*at)
-        predict_s = budget.predict_seconds(cfg, len(run.classes), val_s / val_images,
-                                           evaluate.probe_seconds(run.data, run.device))
-        print(budget.describe(*at, run.batch * run.world / step_s, run.setup_s, predict_s), flush=True)
+        forward_s = costs.validation / min(VAL_IMAGES, len(run.data.val))  # one image through the network
+        print(budget.plan_in_words(*at, run.batch * run.world / costs.step, run.setup_s,
+                                   budget.sampling_seconds(cfg, forward_s, cfg["NUM_SAMPLES"]), revised), flush=True)
         answer = torch.tensor([plan.steps, plan.minutes, plan.final_s, plan.deadline], dtype=torch.float64,
                               device=run.device)
     steps, minutes, final_s, deadline = distributed.from_rank0(answer, run.world).tolist()
-    progress.plan = budget.Plan(int(steps), minutes, final_s, budget.made_for(cfg), deadline)
+    progress.plan = budget.Plan(int(steps), minutes, final_s, budget.made_for(cfg), deadline, costs)
+    progress.paced_s, progress.paced_steps = progress.window_start - now(), -progress.window_steps  # from now on
+
+
+def follow_speed(run, progress):
+    """At a log point under a time budget: where the steps since the plan (at least PLAN_STEPS of them) cost more
+    than REPLAN_CHANGE away from what it was made from, plan again from their cost (rank 0 decides)."""
+    if not run.cfg["TRAIN_MINUTES"] or progress.plan is None:
+        return
+    step_s = progress.paced_s / max(1, progress.paced_steps)
+    moved = run.master and progress.paced_steps >= PLAN_STEPS and budget.speed_moved(progress.plan, step_s,
+                                                                                      REPLAN_CHANGE)
+    moved, step_s = distributed.from_rank0(torch.tensor([float(moved), step_s], dtype=torch.float64,
+                                                        device=run.device), run.world).tolist()
+    if moved:
+        make_plan(run, progress, dataclasses.replace(progress.plan.costs, step=step_s) if run.master else None,
+                  revised=True)
 
 
 def check_clock(run, progress, window_s):
-    """A safety net for a machine that slows down after the plan: stop where the next log window of window_s seconds
-    and the last validation, grid and checkpoint would no longer fit before the plan's deadline, by rank 0's clock."""
+    """A safety net for a machine that slows down faster than the plan follows: stop where the next log window of
+    window_s seconds and the last validation, grid and checkpoint would no longer fit before the plan's deadline, by
+    rank 0's clock."""
     if progress.plan is None or not progress.plan.deadline:
         return
     late = progress.elapsed() + window_s + progress.plan.final_s > 60 * progress.plan.deadline
@@ -455,56 +430,19 @@ def check_clock(run, progress, window_s):
     progress.out_of_time = bool(late.item())
 
 
-# ---------------------------------------------------------------- epochs
-def train_epoch(run, progress, stop):
-    """The rest of the current epoch, one optimizer step at a time; logs and checkpoints on the way."""
-    cfg = run.cfg
-    epoch, first = divmod(progress.step, run.steps_per_epoch)
-    order = torch.randperm(len(run.images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
-    order, global_batch = order.to(run.images.device), run.batch * run.world
-    bar = tqdm(total=run.steps_per_epoch, initial=first, disable=not run.master, leave=False, dynamic_ncols=True,
-               desc=f"epoch {epoch + 1}" + ("" if cfg["TRAIN_MINUTES"] else f"/{cfg['EPOCHS']}"),
-               mininterval=1 if sys.stderr.isatty() else 60)
-    for i in range(first, run.steps_per_epoch):
-        idx = order[i * global_batch:(i + 1) * global_batch]
-        x0, t, noise, cond = make_batch(run.images, idx, run.noise_gen, cfg, run.rank, run.world, run.device,
-                                        run.labels, run.positions)
-        for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, progress.step, progress.total())
-        loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, cond, cfg,
-                               run.bf16)
-        run.ema.update_parameters(run.model)
-        progress.record(loss, bad)
-        if progress.plan is None:
-            time_first_steps(run, progress)
-        keep_guide(run, progress)
-        bar.update()
-        if progress.step % cfg["LOG_EVERY"] == 0:
-            if progress.bad_run.item() >= cfg["MAX_NONFINITE"]:
-                raise InputError(f"the loss was not finite for {int(progress.bad_run.item())} steps in a row at step "
-                                 f"{progress.step}: lower --lr or --batch-size; the last good checkpoint is kept")
-            row = log_row(run, progress)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", img_s=f"{row['img_per_s']:.0f}")
-            check_clock(run, progress, cfg["LOG_EVERY"] * run.batch * run.world / max(row["img_per_s"], 1e-9))
-        if run.master and progress.step % cfg["CHECKPOINT_EVERY"] == 0:
-            save(run, progress)
-        if stop.requested or progress.finished():
-            break
-    bar.close()
-
-
-def keep_guide(run, progress):
+# ---------------------------------------------------------------- what the loop calls
+def keep_snapshot(run, progress):
     """Once GUIDE_AT of the run is done, copy the EMA weights (to the CPU): the early snapshot autoguidance uses."""
-    if progress.guide is None and progress.plan and progress.step >= run.cfg["GUIDE_AT"] * progress.plan.steps:
-        progress.guide = {"step": progress.step,
+    if progress.snapshot is None and progress.plan and progress.step >= run.cfg["GUIDE_AT"] * progress.plan.steps:
+        progress.snapshot = {"step": progress.step,
                           "weights": {k: v.detach().cpu().clone() for k, v in run.ema.module.state_dict().items()}}
 
 
 def guide_model(run, progress):
-    """The early snapshot as a network, or None before it is taken."""
-    if progress.guide is None:
+    """The early snapshot as a network (the guide of autoguidance), or None before it is taken."""
+    if progress.snapshot is None:
         return None
-    return load_network(run.cfg, len(run.classes), progress.guide["weights"], run.device, run.bf16)
+    return load_network(run.cfg, len(run.classes), progress.snapshot["weights"], run.device, run.bf16)
 
 
 def validate(run, progress):
@@ -529,21 +467,24 @@ def validate(run, progress):
 
 def end_epoch(run, progress):
     """After an epoch (or the part of one that ended the run), rank 0: validation; a sample grid and the loss plot
-    every SAMPLE_EVERY epochs and at the end. Returns whether the run is done."""
+    every SAMPLE_EVERY epochs and at the end."""
     epoch, last = math.ceil(progress.step / run.steps_per_epoch), progress.finished()
     if run.master:
         validate(run, progress)
         if last or epoch % run.cfg["SAMPLE_EVERY"] == 0:
             started = now()
-            sample_grid(run.ema.module, guide_model(run, progress), run.schedule, run.cfg, run.device,
-                        run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
+            grid = sample_grid(run.ema.module, guide_model(run, progress), run.schedule, run.cfg, run.device,
+                               run.path(os.path.join("samples", f"epoch_{epoch:04d}.png")), run.classes)
+            if run.board is not None:
+                run.board.add_images("samples", utils.to_unit(grid.float().cpu()), progress.step)
             pictures.save_loss_plot(progress.history, run.path("loss.png"))
             progress.window_start += now() - started  # keep img/s a training figure
-    return last
 
 
 def finish(run, progress, stop):
     """Save; exit with code 130 when stopped early."""
+    if run.board is not None:
+        run.board.close()
     if stop.requested:
         if run.master:
             save(run, progress)
@@ -558,28 +499,94 @@ def finish(run, progress, stop):
               f"{run.path('checkpoint.pt')}, samples in {run.path('samples')}")
 
 
-def main():
-    cfg, fresh = parse_settings()
+def live_curves(run):
+    """Rank 0, where tensorboard is installed: a SummaryWriter into OUTPUT_DIR/tb/, said once; else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    print(f"live curves: tensorboard --logdir {run.path('tb')}")
+    return SummaryWriter(run.path("tb"))
+
+
+def epoch_bar(run, epoch, first):
+    """The progress bar of an epoch (rank 0), starting at its step `first`."""
+    return tqdm(total=run.steps_per_epoch, initial=first, disable=not run.master, leave=False, dynamic_ncols=True,
+                desc=f"epoch {epoch + 1}" + ("" if run.cfg["TRAIN_MINUTES"] else f"/{run.cfg['EPOCHS']}"),
+                mininterval=1 if sys.stderr.isatty() else 60)
+
+
+# ---------------------------------------------------------------- the training loop
+def train(cfg, fresh):
+    """A whole training run, top to bottom (under torchrun, on every rank)."""
+    # -- set-up: this process, the data, the model and where the run stands
     rank, world, device = distributed.setup_distributed()
     prepare_process(cfg, rank, device)
     data = distributed.load_once(dataset.load_data, cfg, rank, world)
     if rank == 0:
         print(data.summary())
     run = build_run(cfg, data, rank, world, device)
-    progress = resume(run, fresh)
-    stop = StopRequest()
+    progress, stop, bar = resume(run, fresh), distributed.StopRequest(), None
     if run.master:
-        describe(run)
+        say_model(run)
         start_log(run, progress)
+        run.board = live_curves(run)
+    global_batch = run.batch * run.world
     try:
-        while not stop.requested and not progress.finished():
-            train_epoch(run, progress, stop)
-            if stop.requested or end_epoch(run, progress):
+        while not (stop.requested or progress.finished()):
+            # -- an epoch starts (or resumes part-way): its order of the images, its progress bar
+            epoch, i = divmod(progress.step, run.steps_per_epoch)
+            if bar is None:
+                order = torch.randperm(len(run.images), generator=torch.Generator().manual_seed(cfg["SEED"] + epoch))
+                order, bar = order.to(run.images.device), epoch_bar(run, epoch, i)
+
+            # -- one optimizer step, and the EMA
+            x0, t, noise, cond = objective.make_batch(run.images, order[i * global_batch:(i + 1) * global_batch],
+                                            run.noise_gen, cfg, run.rank, run.world, run.device, run.labels,
+                                            run.positions)
+            for group in run.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, progress.step, progress.total())
+            loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, cond, cfg,
+                                   run.bf16)
+            run.ema.update_parameters(run.model)
+            progress.record(loss, bad)
+
+            # -- the plan, from the first steps of a time budget; the early snapshot, at GUIDE_AT of it
+            if progress.plan is None:
+                time_first_steps(run, progress)
+            keep_snapshot(run, progress)
+            bar.update()
+
+            # -- every LOG_EVERY steps: a log row, the loss's health, the plan following the speed, the clock
+            if progress.step % cfg["LOG_EVERY"] == 0:
+                if progress.bad_run.item() >= cfg["MAX_NONFINITE"]:
+                    raise InputError(f"the loss was not finite for {int(progress.bad_run.item())} steps in a row at "
+                                     f"step {progress.step}: lower --lr or --batch-size; the last good checkpoint is "
+                                     f"kept")
+                row = log_row(run, progress)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}", img_s=f"{row['img_per_s']:.0f}")
+                follow_speed(run, progress)
+                check_clock(run, progress, cfg["LOG_EVERY"] * global_batch / max(row["img_per_s"], 1e-9))
+
+            # -- every CHECKPOINT_EVERY steps: a checkpoint
+            if run.master and progress.step % cfg["CHECKPOINT_EVERY"] == 0:
+                save(run, progress)
+
+            # -- an epoch ends (or the run): validation; a sample grid every SAMPLE_EVERY epochs and at the end
+            if stop.requested:
                 break
+            if progress.step % run.steps_per_epoch == 0 or progress.finished():
+                bar.close()
+                bar = None
+                end_epoch(run, progress)
     except torch.cuda.OutOfMemoryError:
         raise InputError(f"CUDA ran out of memory at batch {run.batch}, {cfg['IMAGE_SIZE']} px: try a smaller "
                          f"--batch-size or --image-size") from None
     finish(run, progress, stop)
+
+
+def main():
+    train(*parse_settings())
 
 
 if __name__ == "__main__":

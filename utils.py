@@ -191,6 +191,12 @@ def check_config(cfg):
     if cfg["AUTOGUIDANCE"] < 1 or not 0 < cfg["GUIDE_AT"] < 1:
         raise InputError(f"AUTOGUIDANCE must be 1 (off) or more and GUIDE_AT in (0, 1), got {cfg['AUTOGUIDANCE']} "
                          f"and {cfg['GUIDE_AT']}: use --autoguidance 1.5 --guide-at 0.25")
+    if not cfg["STEP_SPACING"] > 0:
+        raise InputError(f"STEP_SPACING must be positive (1: steps even in t, 2: denser near the image), got "
+                         f"{cfg['STEP_SPACING']}: use --step-spacing 2")
+    if not 0 <= cfg["DDIM_ETA"] <= 1:
+        raise InputError(f"DDIM_ETA must be in [0, 1] (0 deterministic, 1 like ddpm), got {cfg['DDIM_ETA']}: use "
+                         f"--ddim-eta 0")
     if not 0 <= cfg["LR_FLOOR"] <= 1:
         raise InputError(f"LR_FLOOR must be in [0, 1] (a share of LR), got {cfg['LR_FLOOR']}: use --lr-floor 0.1")
     for name, allowed in (*CHOICES.items(), ("BETA_SCHEDULE", BETA_SCHEDULES), ("SAMPLER", SAMPLERS)):

@@ -9,7 +9,7 @@ COSTS = budget.Costs(step=0.5, validation=2.0, checkpoint=1.0, grid=4.0)
 def settings(**overrides):
     return {"TRAIN_MINUTES": 1.0, "MIN_STEPS": 0, "MAX_TRAIN_MINUTES": 0.0, "SAMPLE_EVERY": 2, "CHECKPOINT_EVERY": 100,
             "CONDITION": "none", "GUIDANCE": 2.0, "AUTOGUIDANCE": 1.25, "NUM_SAMPLES": 64, "SAMPLE_STEPS": 100,
-            **overrides}
+            "SAMPLER": "dpm++sde", "TIMESTEPS": 1000, **overrides}
 
 
 def plan(**overrides):
@@ -19,7 +19,7 @@ def plan(**overrides):
 def test_a_step_costs_its_share_of_validations_grids_and_checkpoints():
     """0.5 s a step + 2 s of validation each 10-step epoch + a 4 s grid every 2 epochs + a 1 s checkpoint every 100
     steps = 0.91 s a step; 60 s - 15 s spent - 7 s for the last validation, grid and checkpoint = 38 s: 41 steps."""
-    assert plan() == budget.Plan(61, 1.0, 7.0, (1.0, 0, 0.0), 1.0)
+    assert plan() == budget.Plan(61, 1.0, 7.0, (1.0, 0, 0.0), 1.0, COSTS)
 
 
 def test_a_budget_already_spent_plans_no_more_steps():
@@ -50,11 +50,15 @@ def test_the_limit_caps_the_floor():
      "minutes: training the 2-minute limit (MAX_TRAIN_MINUTES) for 127 steps, expect grainier samples "
      "(--max-train-minutes 15 reaches them)")])
 def test_the_plan_is_said_in_words(overrides, words):
-    """With 30 s before training and 90 s of predict.py: the whole job's minutes too."""
-    said = budget.describe(settings(**overrides), 20, 15.0, COSTS, 10, speed=32.0, setup_s=30.0, predict_s=90.0)
+    """With 30 s before training and 90 s for predict.py's samples: the whole job's minutes too; a revised plan says
+    so, and where."""
+    said = budget.plan_in_words(settings(**overrides), 20, 15.0, COSTS, 10, speed=32.0, setup_s=30.0, sample_s=90.0)
     assert said.startswith("plan: this machine trains 32 images/s: " + words)
     minutes = plan(**overrides).minutes
-    assert said.endswith(f"then predict.py, about 2 min: about {(30 + 60 * minutes + 90) / 60:.0f} minutes in all")
+    assert said.endswith(f"then predict.py's 64 samples, about 2 min: about {(30 + 60 * minutes + 90) / 60:.0f} "
+                         f"minutes in all")
+    revised = budget.plan_in_words(settings(**overrides), 20, 15.0, COSTS, 10, 32.0, 30.0, 90.0, revised=True)
+    assert revised.startswith("plan revised at step 20: this machine trains 32 images/s: " + words)
 
 
 @pytest.mark.parametrize("overrides, calls", [
@@ -67,9 +71,15 @@ def test_a_grid_costs_what_its_network_calls_cost(overrides, calls):
     assert budget.grid_seconds(settings(**overrides), 2.0, 8, 36, 25) == pytest.approx(0.25 * 36 * 25 * calls)
 
 
-def test_predict_time_counts_samples_steps_calls_and_the_probe():
-    """64 samples + 8 slices denoised from half-way, 100 steps, 2 calls each, 0.01 s a call; the probe's 50 s once."""
-    overhead = budget.PREDICT_OVERHEAD_S
-    assert budget.predict_seconds(settings(), 0, 0.01, 50.0) == pytest.approx(0.01 * 2 * 100 * 68 + 50 + overhead)
-    labelled = budget.predict_seconds(settings(CONDITION="class"), 2, 0.01, 50.0)  # + conditions.png, TSTR 256
-    assert labelled == pytest.approx(0.01 * 4 * 100 * (68 + 16 + 256) + 3 * 50 + overhead)
+def test_sampling_time_counts_samples_steps_and_calls():
+    """64 samples, 100 steps (T for ddpm), 2 calls each under autoguidance, 0.01 s a call."""
+    assert budget.sampling_seconds(settings(), 0.01, 64) == pytest.approx(0.01 * 2 * 100 * 64)
+    assert budget.sampling_seconds(settings(SAMPLER="ddpm", TIMESTEPS=1000), 0.01, 64) == pytest.approx(0.01 * 2 * 1000
+                                                                                                         * 64)
+
+
+def test_a_plan_follows_a_speed_that_moved_more_than_its_margin():
+    made = plan()
+    assert made.costs == COSTS
+    assert not budget.speed_moved(made, 0.55, 0.15) and budget.speed_moved(made, 0.4, 0.15)
+    assert budget.speed_moved(made, 0.6, 0.15) and not budget.speed_moved(budget.Plan(100), 0.1, 0.15)

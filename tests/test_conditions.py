@@ -14,6 +14,7 @@ from conftest import TINY, run_script, write_blobs
 import dataset
 import demo
 import evaluate
+import objective
 import predict
 import train
 import utils
@@ -164,7 +165,7 @@ def test_a_conditional_model_draws_what_it_is_asked_for():
     gen = torch.Generator().manual_seed(0)
     for _ in range(400):
         idx = torch.randint(0, len(images), (32,), generator=gen)
-        x0, t, noise, cond = train.make_batch(images, idx, gen, cfg, 0, 1, torch.device("cpu"), labels, positions)
+        x0, t, noise, cond = objective.make_batch(images, idx, gen, cfg, 0, 1, torch.device("cpu"), labels, positions)
         train.train_step(model, model, optimizer, schedule, x0, t, noise, cond, cfg, bf16=False)
     asked_y, asked_s = torch.tensor([0, 1] * 4), torch.tensor([0.1, 0.1, 0.4, 0.4, 0.6, 0.6, 0.9, 0.9])
     with torch.no_grad():

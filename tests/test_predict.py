@@ -58,13 +58,14 @@ def test_every_sampler_runs(tiny_run, tmp_path, sampler):
 
 def test_small_strength_gives_back_the_input(tiny_run):
     import predict as p
-    model, schedule, cfg, _, _, _ = p.load_model(os.path.join(tiny_run, "checkpoint.pt"), True, torch.device("cpu"))
+    trained = p.load_model(os.path.join(tiny_run, "checkpoint.pt"), True, torch.device("cpu"))
     images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
     settings = dict(SEED=0, SAMPLER="dpm++", SAMPLE_STEPS=5, DDIM_ETA=0.0, STEP_SPACING=2.0, GUIDANCE=1.0,
                     AUTOGUIDANCE=1.0)
     import tempfile
     with tempfile.TemporaryDirectory() as out:
-        result = p.denoise(p.Sampling(model, schedule, cfg, settings, torch.device("cpu")), images, 0.002, out)
+        sampling = p.Sampling(trained.net, trained.schedule, trained.cfg, settings, torch.device("cpu"))
+        result = p.noise_and_restore(sampling, images, 0.002, out)
     assert (result - (images.float() / 127.5 - 1)).abs().mean() < 0.05
 
 
@@ -124,10 +125,11 @@ def test_load_model_rebuilds_network_and_schedule_from_the_checkpoint(tiny_run, 
     path = constant_output_checkpoint(tiny_run, tmp_path / "c.pt", -0.5, 0.5)
     assert (utils.TIMESTEPS, utils.BETA_SCHEDULE, utils.PREDICTION) != (50, "linear", "x0")
     for use_ema, value in ((True, 0.5), (False, -0.5)):
-        model, schedule, cfg, _, _, _ = p.load_model(path, use_ema, torch.device("cpu"))
-        assert (schedule.timesteps, schedule.prediction) == (50, "x0") and cfg["BASE_CHANNELS"] == 8
+        trained = p.load_model(path, use_ema, torch.device("cpu"))
+        schedule = trained.schedule
+        assert (schedule.timesteps, schedule.prediction) == (50, "x0") and trained.cfg["BASE_CHANNELS"] == 8
         torch.testing.assert_close(schedule.alphas_cumprod, utils.NoiseSchedule(50, "linear", "x0").alphas_cumprod)
-        assert model.out[2].bias.item() == value
+        assert trained.net.out[2].bias.item() == value
 
 
 def test_a_checkpoint_older_than_a_setting_takes_its_default(tiny_run, tmp_path):
@@ -138,7 +140,7 @@ def test_a_checkpoint_older_than_a_setting_takes_its_default(tiny_run, tmp_path)
     state = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=False)
     del state["config"]["LABELS"]
     torch.save(state, tmp_path / "old.pt")
-    cfg = p.load_model(str(tmp_path / "old.pt"), True, torch.device("cpu"))[2]
+    cfg = p.load_model(str(tmp_path / "old.pt"), True, torch.device("cpu")).cfg
     assert cfg["LABELS"] == utils.LABELS and len(dataset.load_data(cfg).val) > 0
 
 
@@ -196,7 +198,7 @@ def test_denoise_takes_noised_images_along_the_exact_ode(tmp_path):
                     AUTOGUIDANCE=1.0)
     oracle = gaussian_oracle(schedule, "v", MU2, SIGMA2)
     sampling = p.Sampling(lambda x, t, *cond: oracle(x, t), schedule, {}, settings, torch.device("cpu"))
-    result = p.denoise(sampling, images, strength, str(tmp_path))
+    result = p.noise_and_restore(sampling, images, strength, str(tmp_path))
     clean, start_t = images.float() / 127.5 - 1, round(strength * 1000) - 1
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     noised = schedule.q_sample(clean, torch.full((8,), start_t), noise)

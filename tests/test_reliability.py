@@ -370,7 +370,9 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, fails)
     ("--adam-beta2 1", "ADAM_BETA2 must be in [0, 1)"), ("--lr-floor 1.5", "LR_FLOOR must be in [0, 1]"),
     ("--channel-mult 1,0", "CHANNEL_MULT must be positive"), ("--bf16 yes", "unknown BF16"),
     ("--patch-size 0", "PATCH_SIZE must be positive"),
-    ("--patch-size 3", "not a multiple of 48"), ("--patch-size 2 --attn-resolutions 128", "ATTN_RESOLUTIONS has 128")])
+    ("--patch-size 3", "not a multiple of 48"), ("--patch-size 2 --attn-resolutions 128", "ATTN_RESOLUTIONS has 128"),
+    ("--step-spacing 0", "STEP_SPACING must be positive"), ("--step-spacing -2", "STEP_SPACING must be positive"),
+    ("--ddim-eta 5", "DDIM_ETA must be in [0, 1]"), ("--ddim-eta -1", "DDIM_ETA must be in [0, 1]")])
 def test_out_of_range_settings(flags, expected):
     with pytest.raises(InputError) as e:
         utils.parse_settings(utils.build_parser("test"), flags.split())
@@ -391,7 +393,7 @@ def test_badly_typed_flags(flags, expected, capsys):
 
 @pytest.mark.parametrize("flags, expected", [
     ("--lr 0", "LR must be positive"), ("--image-size 36 --channel-mult 1,2,2,2", "not a multiple of 8"),
-    ("--foo 1", "unrecognized arguments")])
+    ("--foo 1", "unrecognized arguments"), ("--step-spacing -2", "STEP_SPACING must be positive")])
 def test_train_refuses_bad_settings_before_any_work(tmp_path, flags, expected):
     out = tmp_path / "out"
     one_error_line(script("train.py", "--data-dir", str(tmp_path / "no_data"), "--output-dir", str(out),

@@ -1,4 +1,4 @@
-"""The project's shape: the import rules of DESIGN.md, short files, and presets written once."""
+"""The project's shape: the import rules of docs/design.md, short files, and presets written once."""
 import ast
 import os
 
@@ -55,3 +55,9 @@ def test_the_quick_profile_is_written_once():
     finally:
         os.chdir(cwd)
     assert (cfg["IMAGE_SIZE"], cfg["PATCH_SIZE"], cfg["TIMESTEP_SAMPLING"], cfg["BATCH_SIZE"]) == (64, 2, "edm", 8)
+
+
+def test_editing_stays_out_of_generation_and_training():
+    """edit.py builds on predict.py, never the other way; training knows nothing of the measures of samples."""
+    assert "edit" not in project_imports("predict") and "predict" in project_imports("edit")
+    assert "evaluate" not in project_imports("train")

@@ -92,6 +92,8 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
+import distributed  # noqa: E402
+import objective  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from modules import UNet, build_model, load_network  # noqa: E402
@@ -172,7 +174,7 @@ def test_hflip_flips_about_half_when_on_and_none_when_off():
     images[:, :, :, :3] = 255  # bright on the left: a flipped image is bright on the right
     idx, gen = torch.arange(256), torch.Generator().manual_seed(0)
     for hflip, low, high in ((False, 0, 0), (True, 0.4, 0.6)):
-        x0 = train.make_batch(images, idx, gen, batch_config(HFLIP=hflip), 0, 1, torch.device("cpu"))[0]
+        x0 = objective.make_batch(images, idx, gen, batch_config(HFLIP=hflip), 0, 1, torch.device("cpu"))[0]
         flipped = (x0[:, 0, 0, -1] > 0).float().mean().item()
         assert low <= flipped <= high, (hflip, flipped)
         assert torch.equal(x0[:, 0, 0, 0] > 0, x0[:, 0, 0, -1] < 0)  # each image is either as stored or flipped
@@ -183,7 +185,7 @@ def test_training_timesteps_follow_timestep_sampling(sampling, middle_half):
     """uniform: every t equally often; logit-normal: t/T = sigmoid(z), so P(T/4 <= t < 3T/4) = P(|z| < ln 3) = 0.728."""
     n = 20000
     images, idx, gen = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), torch.Generator().manual_seed(0)
-    t = train.make_batch(images, idx, gen, batch_config(TIMESTEP_SAMPLING=sampling), 0, 1, torch.device("cpu"))[1]
+    t = objective.make_batch(images, idx, gen, batch_config(TIMESTEP_SAMPLING=sampling), 0, 1, torch.device("cpu"))[1]
     assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 99
     assert abs(((t >= 25) & (t < 75)).float().mean().item() - middle_half) < 0.015
     assert abs(t.float().mean().item() - 49.5) < 1.0  # both symmetric about the middle
@@ -196,7 +198,7 @@ def test_edm_timesteps_put_ln_sigma_on_a_normal(mean, std):
     n = 20000
     cfg = batch_config(TIMESTEPS=1000, TIMESTEP_SAMPLING="edm", EDM_MEAN=mean, EDM_STD=std)
     images, idx, gen = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), torch.Generator().manual_seed(0)
-    t = train.make_batch(images, idx, gen, cfg, 0, 1, torch.device("cpu"))[1]
+    t = objective.make_batch(images, idx, gen, cfg, 0, 1, torch.device("cpu"))[1]
     levels = utils.noise_to_signal(cfg["BETA_SCHEDULE"], 1000)
     normal = torch.distributions.Normal(mean, std)
     for k in (30, 100, 200, 400, 700):
@@ -209,14 +211,14 @@ def test_conditions_are_dropped_independently_at_cond_drop():
     images, idx = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
     labels, positions = torch.randint(0, 2, (n,)), torch.rand(n)
     gen = torch.Generator().manual_seed(0)
-    _, _, _, (got_labels, got_positions) = train.make_batch(images, idx, gen, batch_config(COND_DROP=0.3), 0, 1,
+    _, _, _, (got_labels, got_positions) = objective.make_batch(images, idx, gen, batch_config(COND_DROP=0.3), 0, 1,
                                                             torch.device("cpu"), labels, positions)
     no_class, no_slice = got_labels == -1, got_positions.isnan()
     assert abs(no_class.float().mean() - 0.3) < 0.03 and abs(no_slice.float().mean() - 0.3) < 0.03
     assert abs((no_class & no_slice).float().mean() - 0.09) < 0.02  # independent: 0.3 x 0.3
     assert torch.equal(got_labels[~no_class], labels[~no_class])
     assert torch.equal(got_positions[~no_slice], positions[~no_slice])
-    _, _, _, (got_labels, got_positions) = train.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
+    _, _, _, (got_labels, got_positions) = objective.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
     assert got_labels is None and got_positions is None
 
 
@@ -265,7 +267,7 @@ def test_resume_mid_epoch_under_cosine_decay_equals_a_straight_run(tiny_data, tm
 def test_stop_request_first_asks_then_interrupts():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        stop = train.StopRequest()
+        stop = distributed.StopRequest()
         assert signal.getsignal(signal.SIGTERM) == stop.handle and not stop.requested
         stop.handle(signal.SIGTERM, None)
         assert stop.requested
@@ -281,8 +283,8 @@ class FakeClock:
     """Seconds that pass only when training does: 1 a step (2 once `slow_after` steps are done), 1/32 a validation of
     the 2 held-out blobs, 2.8125 a sample grid (what a validation's forward passes say: 36 images x 5 steps x 1/64)."""
 
-    def __init__(self, monkeypatch, slow_after=None):
-        self.t, self.steps, self.slow_after = 1000.0, 0, slow_after
+    def __init__(self, monkeypatch, slow_after=None, step_after=2.0):
+        self.t, self.steps, self.slow_after, self.step_after = 1000.0, 0, slow_after, step_after
         monkeypatch.setattr(train, "now", lambda: self.t)
         monkeypatch.setattr(train, "PLAN_SKIP", 1)
         monkeypatch.setattr(train, "PLAN_STEPS", 2)
@@ -293,7 +295,7 @@ class FakeClock:
         def timed(*args, **kwargs):
             if seconds is None:  # a training step
                 self.steps += 1
-                self.t += 2.0 if self.slow_after is not None and self.steps > self.slow_after else 1.0
+                self.t += self.step_after if self.slow_after is not None and self.steps > self.slow_after else 1.0
             else:
                 self.t += seconds
             return function(*args, **kwargs)
@@ -325,7 +327,8 @@ def test_a_time_budget_becomes_a_plan_that_ends_inside_it(tiny_data, tmp_path, m
                              "--train-minutes", "0.5")
     assert "plan: this machine trains 8 images/s: 26 steps fill the 0.5-minute budget" in capsys.readouterr().out
     assert state["plan"] == {"steps": 26, "minutes": 0.5, "final_s": 2.84375, "made_for": (0.5, 0, 0.0),
-                             "deadline": 0.5}
+                             "deadline": 0.5, "costs": {"step": 1.0, "validation": 1 / 32, "checkpoint": 0.0,
+                                                        "grid": 2.8125}}
     assert state["step"] == 26 and state["elapsed_s"] == 29.0625
     assert state["guide"]["step"] == 7
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -358,26 +361,47 @@ def test_images_per_second_leave_validation_and_grids_out(tiny_data, tmp_path, m
 
 
 def test_a_machine_that_slows_down_still_ends_inside_the_budget(tiny_data, tmp_path, monkeypatch, capsys):
-    """Steps cost 2 s once the plan (26 steps at 1 s) is made: the clock stops the run at the first log point where
-    the next window (4 s) and the end (2.84 s) no longer fit: step 14, at 27.97 s."""
+    """Steps cost 2 s once the plan (26 steps at 1 s) is made: at step 6 the plan follows (15 steps at 2 s), and the
+    clock's safety net stops the run at the first log point where the next window (4 s) and the end (2.84 s) no
+    longer fit: step 14, at 27.97 s, the learning rate near its floor."""
     FakeClock(monkeypatch, slow_after=3)
     state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
                              "--train-minutes", "0.5")
-    assert "stopping at step 14 of 26 to end within 0.5 minutes" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "plan revised at step 6: this machine trains 4 images/s: 15 steps fill the 0.5-minute budget" in said
+    assert "stopping at step 14 of 15 to end within 0.5 minutes" in said
     assert state["step"] == 14 and state["elapsed_s"] == 27.96875
+    assert float(list(csv.DictReader(open(tmp_path / "log.csv")))[-1]["lr"]) < 1.2e-4  # the cosine over 15 steps
 
 
 @pytest.mark.parametrize("limit, steps", [("2", (40, 80.15625)), ("1", (28, 56.0625))])
 def test_a_slowdown_under_a_floor_costs_time_not_steps(tiny_data, tmp_path, monkeypatch, capsys, limit, steps):
     """Steps cost 2 s once the plan (40 steps, 43.2 s, for --min-steps 40) is made: the run takes the time it needs,
-    up to MAX_TRAIN_MINUTES: with 2 minutes all 40 steps, at 80.16 s; with 1 the clock stops it at step 28, 56.06 s,
-    where the next window (4 steps, 8 s) and the end (2.84 s) no longer fit in 60 s."""
+    up to MAX_TRAIN_MINUTES: with 2 minutes all 40 steps, at 80.16 s; with 1 the plan follows at step 6 (29 steps)
+    and the clock stops it at step 28, 56.06 s, where the next window (4 steps, 8 s) and the end (2.84 s) no longer
+    fit in 60 s."""
     FakeClock(monkeypatch, slow_after=3)
     state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
                              "--train-minutes", "0.5", "--min-steps", "40", "--max-train-minutes", limit)
-    assert state["plan"]["steps"] == 40 and state["plan"]["deadline"] == float(limit)
+    assert state["plan"]["steps"] == (40 if limit == "2" else 29) and state["plan"]["deadline"] == float(limit)
     assert (state["step"], state["elapsed_s"]) == steps
     assert ("to end within 1 minutes" in capsys.readouterr().out) == (limit == "1")
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_a_machine_that_speeds_up_reaches_the_floor_its_limit_allows(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                    follows):
+    """Planned while the machine was busy (1 s a step), 60 steps would take 63 s: the 1-minute limit buys 56. Steps
+    then cost 0.5 s: the plan follows the speed (revised at steps 14 and 16) and reaches all 60 steps in 38.3 s.
+    A plan made once (REPLAN_CHANGE out of reach) stops at its 56."""
+    FakeClock(monkeypatch, slow_after=10, step_after=0.5)
+    if not follows:
+        monkeypatch.setattr(train, "REPLAN_CHANGE", 1e9)
+    state = train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *BUDGET_FLAGS,
+                             "--train-minutes", "0.5", "--min-steps", "60", "--max-train-minutes", "1")
+    assert "training the 1-minute limit (MAX_TRAIN_MINUTES) for 56 steps" in capsys.readouterr().out
+    assert (state["step"], state["elapsed_s"]) == ((60, 38.3125) if follows else (56, 36.28125))
+    assert state["elapsed_s"] < 60
 
 
 def test_adam_beta2_reaches_the_optimizer_also_on_resume(tiny_data, tmp_path, monkeypatch):
@@ -431,9 +455,9 @@ def test_training_runs_the_network_in_bf16_when_asked(bf16):
     model, seen = tiny_unet(), []
     model.stem.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     cfg = batch_config(BF16=str(bf16).lower(), MIN_SNR_GAMMA=0.0)
-    x0, t, noise, cond = train.make_batch(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4),
+    x0, t, noise, cond = objective.make_batch(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4),
                                           torch.Generator().manual_seed(0), cfg, 0, 1, torch.device("cpu"))
-    loss = train.batch_loss(model, utils.NoiseSchedule(100, "cosine", "v"), x0, t, noise, cond, cfg, bf16)
+    loss = objective.batch_loss(model, utils.NoiseSchedule(100, "cosine", "v"), x0, t, noise, cond, cfg, bf16)
     assert seen == [torch.bfloat16 if bf16 else torch.float32] and loss.dtype == torch.float32
 
 
@@ -463,3 +487,44 @@ def test_sampling_follows_bf16_in_training_grids(tmp_path):
         cfg = dict(utils.constants(), IMAGE_SIZE=8, SAMPLE_STEPS=4, BF16=setting)
         train.sample_grid(net, None, schedule, cfg, torch.device("cpu"), str(tmp_path / "grid.png"), [])
     assert seen == [True] * 4 + [False] * 4
+
+
+# ---------------------------------------------------------------- live curves (TensorBoard, where installed)
+class FakeWriter:
+    """What torch.utils.tensorboard.SummaryWriter is asked to record."""
+    made = []
+
+    def __init__(self, logdir):
+        self.logdir, self.scalars, self.images, self.closed = logdir, [], [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, name, value, step):
+        self.scalars.append((name, step))
+
+    def add_images(self, name, images, step):
+        self.images.append((name, tuple(images.shape), float(images.min()), float(images.max()), step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_the_curves_and_grids_where_it_is_installed(tiny_data, tmp_path, monkeypatch, capsys):
+    import types
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    FakeWriter.made.clear()
+    train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *TINY, "--epochs", "2",
+                     "--sample-every", "1")
+    assert f"live curves: tensorboard --logdir {tmp_path / 'tb'}" in capsys.readouterr().out
+    (writer,) = FakeWriter.made
+    assert writer.logdir == str(tmp_path / "tb") and writer.closed
+    names = {name for name, _ in writer.scalars}
+    assert names == {"loss", "lr", "img_per_s", "val_loss"} and ("val_loss", 8) in writer.scalars
+    assert [(name, shape, step) for name, shape, _, _, step in writer.images] == [
+        ("samples", (36, 1, 32, 32), 4), ("samples", (36, 1, 32, 32), 8)]
+    assert all(0 <= low <= high <= 1 for _, _, low, high, _ in writer.images)
+
+
+def test_without_tensorboard_nothing_changes(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
+    train_in_process(monkeypatch, "--data-dir", tiny_data, "--output-dir", tmp_path, *TINY, "--epochs", "1")
+    assert "live curves" not in capsys.readouterr().out and not (tmp_path / "tb").exists()
