@@ -171,13 +171,14 @@ def load_network(cfg, num_classes, weights, device, bf16):
 
 
 def call(model, x, t, labels, positions):
-    """model(x, t, labels, positions) with the batch dimension of each input marked dynamic for torch.compile (no
-    effect on an eager model): a compiled network then serves every batch a sampler gives it (classifier-free
-    guidance's doubled one, the last partial batch, a few slices to edit) with one graph, where it would otherwise
-    compile a second, at every size's cost, the first time the size changes."""
+    """model(x, t, labels, positions) as torch.compile serves it best (the same for an eager model): conditions not
+    given passed as their 'not given' values (-1, NaN) rather than None, and the batch dimension of every input marked
+    dynamic, so that one graph serves every call a sampler makes (classifier-free guidance's doubled batch, the last
+    partial batch, slices denoised without their conditions) where each change would otherwise compile another."""
+    labels = torch.full_like(t, -1) if labels is None else labels
+    positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
     for v in (x, t, labels, positions):
-        if v is not None:
-            torch._dynamo.maybe_mark_dynamic(v, 0)
+        torch._dynamo.maybe_mark_dynamic(v, 0)
     return model(x, t, labels, positions)
 
 

@@ -86,7 +86,7 @@ def test_compiled_training_matches_eager_with_one_graph(twins):
 def inference(networks, conditions, schedule, kind, n):
     """Under one kind of network (eager or compiled): a guided, autoguided dpm++sde sample of the first n
     conditions; a DDIM inversion of it (the class guided alone, as edit.py's plain()); a RePaint fill of its right
-    half."""
+    half, the class not given."""
     model, guide = networks[kind]
     labels, positions = (c[:n] for c in conditions)
     device = labels.device
@@ -96,7 +96,7 @@ def inference(networks, conditions, schedule, kind, n):
     inverted = schedule.invert(Denoiser(model, labels, positions, 2.0, class_only=True), sample, 60, 5)
     fill = torch.zeros_like(sample, dtype=torch.bool)
     fill[..., 8:] = True
-    filled = schedule.inpaint(Denoiser(model, labels, positions, 1.0, guide, 1.25), sample, fill, "ddim", 5,
+    filled = schedule.inpaint(Denoiser(model, None, positions, 1.0, guide, 1.25), sample, fill, "ddim", 5,
                               resample=2, generator=gen)
     return sample, inverted, filled
 
