@@ -85,8 +85,8 @@ def test_compiled_training_matches_eager_with_one_graph(twins):
 
 def inference(networks, conditions, schedule, kind, n):
     """Under one kind of network (eager or compiled): a guided, autoguided dpm++sde sample of the first n
-    conditions; a DDIM inversion of it (the class guided alone, as edit.py's plain()); a RePaint fill of its right
-    half, the class not given."""
+    conditions; a DDIM inversion of it (the class guided alone, as edit.py's Sampling.plain()); a RePaint fill of its
+    right half, the class not given."""
     model, guide = networks[kind]
     labels, positions = (c[:n] for c in conditions)
     device = labels.device
