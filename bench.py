@@ -28,6 +28,7 @@ from modules import Denoiser, build_model, groups
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
                     "RTX 4090": 165, "RTX 3090": 71, "V100": 125}  # dense bf16 (fp16 for V100) tensor-core peaks
+WARM_STEPS = 10  # sampling: at most this many steps in the untimed warm-up batch (compilation, CUDA graph recording)
 INGEST_SHAPE = (256, 256, 170)  # --ingest: voxels of each synthetic scan (int16, 1 x 1 x 1.2 mm, gzipped NIfTI)
 
 
@@ -128,19 +129,20 @@ def replayed(model):
 
 def sampling_speed(run, sampler, steps, batch, cuda_graphs=False):
     """Images per second of one batch through the sampler as predict.py runs it (the network, and under
-    AUTOGUIDANCE a second, same-sized call standing in for the early snapshot), after one warm-up batch; with
-    cuda_graphs, the network replayed() instead."""
+    AUTOGUIDANCE a second, same-sized call standing in for the early snapshot), after a warm-up batch of at most
+    WARM_STEPS steps; with cuda_graphs, the network replayed() instead."""
     cfg, device = run.cfg, run.device
     model = run.ema.module.eval()
     net = replayed(model) if cuda_graphs else torch.compile(model) if run.net is not run.model else model
     call = Denoiser(net, guide=net, autoguidance=cfg["AUTOGUIDANCE"], bf16=run.bf16)
     shape = (batch, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"])
     times = []
-    for _ in range(2):
+    for start_t in (min(WARM_STEPS, cfg["TIMESTEPS"]) - 1, None):
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            run.schedule.sample(call, shape, sampler, steps, device=device, spacing=cfg["STEP_SPACING"])
+            run.schedule.sample(call, shape, sampler, steps, device=device, spacing=cfg["STEP_SPACING"],
+                                start_t=start_t)
         sync(device)
         times.append(time.perf_counter() - start)
     model.train()
