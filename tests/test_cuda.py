@@ -79,4 +79,4 @@ def test_compiled_bf16_sampling_is_near_eager(kind):
     wrap = torch.compile if kind == "compiled" else bench.replayed
     with torch.inference_mode():
         for n in (4, 3):
-            assert relative(sample(wrap(model), wrap(guide), n), sample(model, guide, n)) < 3e-2
+            assert relative(sample(wrap(model), wrap(guide), n), sample(model, guide, n)) < 5e-2
