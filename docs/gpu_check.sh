@@ -16,9 +16,9 @@
 #   PARTS        the parts run, in their order (setup tests bench train_predict inpaint counterfactual)
 #   TOTAL, LIMIT_SETUP, LIMIT_TESTS, LIMIT_BENCH, LIMIT_TRAIN, LIMIT_INPAINT, LIMIT_COUNTERFACTUAL: seconds
 set -uo pipefail
-cd "$(dirname "$0")/.."
 [ $# -eq 1 ] || { echo "usage: bash docs/gpu_check.sh OUT" >&2; exit 2; }
 mkdir -p "$1" && out=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
 export out PYTHON=${PYTHON:-python3} PROFILE=${PROFILE:-} DATA_DIR=${DATA_DIR:-data} WHEELS=${WHEELS:-.whl}
 export INSTALL=${INSTALL:-1} BENCH_FLAGS=${BENCH_FLAGS:---vs-diffusers --cuda-graphs --profile --steps 10 --rounds 3 \
 --warmup 5 --ddpm-batch 16}
