@@ -3,6 +3,7 @@
     python bench.py                          # the constants in utils.py (any --flag overrides them)
     python bench.py --vs-diffusers           # also diffusers' UNet2DModel of matched size, alternating
     python bench.py --profile                # also where the step's time goes (top operators, a trace file)
+    python bench.py --cuda-graphs            # also sampling with CUDA graphs (torch.compile mode reduce-overhead)
     python bench.py --ingest 200             # instead, the time to read 200 synthetic scans, cold and cached
 Prints a table and writes OUTPUT_DIR/bench.json. Utilisation is given twice: against the device's
 spec-sheet peak (MFU, CUDA) and against a dense matmul timed in the same run (any device).
@@ -27,6 +28,7 @@ from modules import Denoiser, build_model, groups
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
                     "RTX 4090": 165, "RTX 3090": 71, "V100": 125}  # dense bf16 (fp16 for V100) tensor-core peaks
+WARM_STEPS = 10  # sampling: at most this many steps in the untimed warm-up batch (compilation, CUDA graph recording)
 INGEST_SHAPE = (256, 256, 170)  # --ingest: voxels of each synthetic scan (int16, 1 x 1 x 1.2 mm, gzipped NIfTI)
 
 
@@ -117,20 +119,30 @@ class TrainingRun:
         return steps * self.cfg["BATCH_SIZE"] / (time.perf_counter() - start)
 
 
-def sampling_speed(run, sampler, steps, batch):
+def replayed(model):
+    """model compiled with CUDA graphs (torch.compile mode 'reduce-overhead'): each call's kernels are launched as one
+    recorded graph, with no gaps between the launches; its output is copied out, since the next replay overwrites
+    it. On a CPU, the plain compiled model."""
+    net = torch.compile(model, mode="reduce-overhead")
+    return lambda *args: net(*args).clone()
+
+
+def sampling_speed(run, sampler, steps, batch, cuda_graphs=False):
     """Images per second of one batch through the sampler as predict.py runs it (the network, and under
-    AUTOGUIDANCE a second, same-sized call standing in for the early snapshot), after one warm-up batch."""
+    AUTOGUIDANCE a second, same-sized call standing in for the early snapshot), after a warm-up batch of at most
+    WARM_STEPS steps; with cuda_graphs, the network replayed() instead."""
     cfg, device = run.cfg, run.device
     model = run.ema.module.eval()
-    net = torch.compile(model) if run.net is not run.model else model
+    net = replayed(model) if cuda_graphs else torch.compile(model) if run.net is not run.model else model
     call = Denoiser(net, guide=net, autoguidance=cfg["AUTOGUIDANCE"], bf16=run.bf16)
     shape = (batch, cfg["CHANNELS"], cfg["IMAGE_SIZE"], cfg["IMAGE_SIZE"])
     times = []
-    for _ in range(2):
+    for start_t in (min(WARM_STEPS, cfg["TIMESTEPS"]) - 1, None):
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            run.schedule.sample(call, shape, sampler, steps, device=device, spacing=cfg["STEP_SPACING"])
+            run.schedule.sample(call, shape, sampler, steps, device=device, spacing=cfg["STEP_SPACING"],
+                                start_t=start_t)
         sync(device)
         times.append(time.perf_counter() - start)
     model.train()
@@ -195,6 +207,8 @@ def parse_settings():
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--ddpm-batch", type=int, default=64, help="batch for the 1000-step ddpm timing (0 skips)")
     parser.add_argument("--profile", action="store_true", help="also profile a few training steps of ours")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time sampling with the network replayed as "
+                        "CUDA graphs (torch.compile mode 'reduce-overhead'), beside today's path")
     parser.add_argument("--ingest", type=int, metavar="N", help="instead, time reading N synthetic scans (see above)")
     return utils.parse_settings(parser)
 
@@ -244,10 +258,13 @@ def summarise(runs, rates, cfg, device, args):
     if "diffusers" in runs:
         result["train_speedup_vs_diffusers"] = result["ours"]["train_img_per_s"] / result["diffusers"]["train_img_per_s"]
     result["sample_autoguidance"] = cfg["AUTOGUIDANCE"]  # above 1, every sampling step calls two networks
-    result["ours"]["sample_dpm++sde25_img_per_s"] = sampling_speed(runs["ours"], "dpm++sde", 25, cfg["SAMPLE_BATCH"])
-    if args.ddpm_batch:
-        result["ours"]["sample_ddpm1000_img_per_s"] = sampling_speed(runs["ours"], "ddpm", cfg["TIMESTEPS"],
-                                                                     args.ddpm_batch)
+    for graphs in (False, True) if args.cuda_graphs else (False,):
+        tag = "_cudagraphs" if graphs else ""
+        result["ours"][f"sample_dpm++sde25{tag}_img_per_s"] = sampling_speed(runs["ours"], "dpm++sde", 25,
+                                                                            cfg["SAMPLE_BATCH"], graphs)
+        if args.ddpm_batch:
+            result["ours"][f"sample_ddpm1000{tag}_img_per_s"] = sampling_speed(runs["ours"], "ddpm", cfg["TIMESTEPS"],
+                                                                              args.ddpm_batch, graphs)
     return result
 
 
@@ -262,7 +279,8 @@ def print_report(result, cfg):
                   + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
     if "train_speedup_vs_diffusers" in result:
         print(f"  speed-up vs diffusers: {result['train_speedup_vs_diffusers']:.2f}x")
-    rates = ", ".join(f"{k.split('_')[1]} {v:.1f} img/s" for k, v in result["ours"].items() if k.startswith("sample_"))
+    rates = ", ".join(f"{k[len('sample_'):-len('_img_per_s')]} {v:.1f} img/s" for k, v in result["ours"].items()
+                      if k.startswith("sample_"))
     print(f"  sampling (autoguidance {result['sample_autoguidance']:g}): {rates}")
 
 

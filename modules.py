@@ -170,19 +170,31 @@ def load_network(cfg, num_classes, weights, device, bf16):
     return model.to(device, memory_format=utils.memory_format(bf16, device)).eval().requires_grad_(False)
 
 
+def call(model, x, t, labels, positions):
+    """model(x, t, labels, positions) as torch.compile serves it best (the same for an eager model): conditions not
+    given passed as their 'not given' values (-1, NaN) rather than None, and the batch dimension of every input marked
+    dynamic, so that one graph serves every call a sampler makes (classifier-free guidance's doubled batch, the last
+    partial batch, slices denoised without their conditions) where each change would otherwise compile another."""
+    labels = torch.full_like(t, -1) if labels is None else labels
+    positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
+    for v in (x, t, labels, positions):
+        torch._dynamo.maybe_mark_dynamic(v, 0)
+    return model(x, t, labels, positions)
+
+
 def guided_output(model, x, t, labels=None, positions=None, scale=1.0, class_only=False):
     """The model's output under classifier-free guidance (Ho & Salimans 2022), uncond + scale * (cond - uncond), the
     pair in one batched call; scale 0 is the unconditional model, 1 the conditional one. Conditions as for UNet; with
     class_only the unconditional side keeps the positions, so that only the class is guided."""
     kept = positions if class_only else None
     if scale == 0:
-        return model(x, t, None, kept).float()
+        return call(model, x, t, None, kept).float()
     if scale == 1 or (labels is None and (positions is None or class_only)):
-        return model(x, t, labels, positions).float()
+        return call(model, x, t, labels, positions).float()
     pair_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, -1)])
     pair_positions = None if positions is None else torch.cat(
         [positions, positions if class_only else torch.full_like(positions, math.nan)])
-    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), pair_labels, pair_positions).float().chunk(2)
+    cond, uncond = call(model, torch.cat([x, x]), torch.cat([t, t]), pair_labels, pair_positions).float().chunk(2)
     return uncond + scale * (cond - uncond)
 
 

@@ -52,3 +52,14 @@ def test_sampling_speed_times_the_guides_call_too():
                               schedule=utils.NoiseSchedule(100, "cosine", "v"), bf16=False)
         assert bench.sampling_speed(run, "dpm++sde", 5, 2) > 0
         assert net.calls == 2 * 5 * calls_per_step  # a warm-up batch and a timed one, 5 steps each
+
+
+def test_sampling_speed_with_cuda_graphs_calls_the_replayed_network_as_often():
+    """--cuda-graphs: the network compiled in mode 'reduce-overhead' (on a CPU, plainly compiled), its outputs
+    copied out of the graph's memory, each step calling it and the guide's stand-in."""
+    net = CountingNet()
+    cfg = dict(utils.constants(), IMAGE_SIZE=8, AUTOGUIDANCE=1.25)
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), ema=SimpleNamespace(module=net), net=net, model=net,
+                          schedule=utils.NoiseSchedule(100, "cosine", "v"), bf16=False)
+    assert bench.sampling_speed(run, "dpm++sde", 5, 2, cuda_graphs=True) > 0
+    assert net.calls == 2 * 5 * 2
