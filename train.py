@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=4 train.py     # several GPUs (BATCH_SIZE is per GPU)
 
 With a time budget (TRAIN_MINUTES) the first steps are timed and the budget is turned into a number of steps, the
-plan, printed before training goes on; the learning rate then follows the step alone.
+plan, printed before training goes on and made again when the speed moves; the learning rate decays over its steps.
 """
 import csv
 import dataclasses
