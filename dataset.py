@@ -116,6 +116,16 @@ def _gray(im, path):
     return im.convert("L")
 
 
+def pad_to_square(im):
+    """A PIL image padded to a centred black square (never stretched): how every image enters the frame."""
+    w, h = im.size
+    if w == h:
+        return im
+    square = Image.new(im.mode, (max(w, h),) * 2)
+    square.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
 def decode_image(path, size):
     """One file as a size x size uint8 array (grayscale, padded to a centred black square, resized) and its (w, h)."""
     if os.path.getsize(path) == 0:
@@ -124,11 +134,7 @@ def decode_image(path, size):
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} is over the {MAX_PIXELS} pixel limit")
-        im = _gray(im, path)
-    if w != h:
-        square = Image.new("L", (max(w, h),) * 2)
-        square.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-        im = square
+        im = pad_to_square(_gray(im, path))
     if im.size != (size, size):
         im = im.resize((size, size), Image.LANCZOS)  # antialiased
     return np.asarray(im), (w, h)

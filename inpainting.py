@@ -29,7 +29,8 @@ def parse_box(spec):
 
 
 def read_mask(path, size, said):
-    """One mask file as bool 1 x S x S (white: fill); resized and thresholded at half, with a notice once each."""
+    """One mask file as bool 1 x S x S (white: fill), laid into the frame as the slices are (padded to a square, never
+    stretched, and resized) and thresholded at half, with a notice once each."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as image:
@@ -38,8 +39,9 @@ def read_mask(path, size, said):
         raise InputError(f"{utils.show_path(path)} is not a mask image PIL can read: pass a black-and-white image") \
             from None
     if mask.size != (size, size):
-        said.add(f"notice: masks resized to the model's {size}x{size} (the first was {mask.size[0]}x{mask.size[1]})")
-        mask = mask.resize((size, size), Image.NEAREST)
+        said.add(f"notice: masks laid into the model's {size}x{size} frame as the slices are, padded to a square "
+                 f"and resized (the first was {mask.size[0]}x{mask.size[1]})")
+        mask = dataset.pad_to_square(mask).resize((size, size), Image.NEAREST)
     values = torch.from_numpy(np.asarray(mask).copy())
     if not torch.isin(values, torch.tensor([0, 255], dtype=values.dtype)).all():
         said.add("notice: masks that are not black and white are thresholded at half grey")

@@ -181,3 +181,20 @@ def test_row_labels_keep_the_slice_number():
     import pictures
     assert pictures.row_label("data/x/case_105_slice_17.nii.png") == "case_105_slice_17"
     assert pictures.row_label("scans/sub-01_ses-01_T1w.nii.gz:12") == "...1_ses-01_T1w:12"
+
+
+def test_a_second_edit_replaces_the_first_runs_set(toy_run, tmp_path, disks_data):
+    """Counterfactuals of held-out slices (with figures), then of one slice of the user's (none): the JSON and the
+    pictures of the first run do not stay beside the second's."""
+    out = tmp_path / "out"
+    common = ["--output-dir", str(out), "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--compile", "false",
+              "--sample-steps", "3", "--to-label", "NC"]
+    assert run_script("edit.py", *common).returncode == 0
+    assert (out / "edit" / "counterfactual.json").exists() and len(os.listdir(out / "edit" / "edits")) == 24
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    first = sorted(os.listdir(os.path.join(disks_data, "test", "AD")))[0]
+    os.link(os.path.join(disks_data, "test", "AD", first), mine / first)
+    assert run_script("edit.py", *common, "--input", str(mine)).returncode == 0
+    assert not (out / "edit" / "counterfactual.json").exists()
+    assert sorted(os.listdir(out / "edit" / "edits")) == [f"{first[:-4]}_to_NC.png", f"{first[:-4]}_to_NC_map.png"]

@@ -92,7 +92,7 @@ def test_masks_pair_by_name_are_resized_and_thresholded(tiny_run, tmp_path):
         Image.fromarray(grey).save(masks / f"img_{i:03d}.png")
     r, slices, out = fill(tiny_run, tmp_path, str(masks))
     assert r.returncode == 0, r.stderr
-    assert "masks resized to the model's 32x32" in r.stdout and "thresholded at half grey" in r.stdout
+    assert "masks laid into the model's 32x32 frame" in r.stdout and "thresholded at half grey" in r.stdout
     assert r.stdout.count("thresholded") == 1  # said once
     given, filled = pixels(os.path.join(slices, "img_000.png")), pixels(out / "inpaint" / "img_000_filled.png")
     outside = np.ones((32, 32), bool)
