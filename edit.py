@@ -32,8 +32,8 @@ MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
 SCAN_SLICE_MM = 1.0  # counterfactual.nii.gz from a scan: nominal millimetres per pixel and per slice
 BRAIN_LEVEL = 12  # a held-out slice with no pixel above this (of 255) is blank: no brain to fill a box in
-EDITS = ("counterfactual.png", "counterfactual.json", "counterfactual.nii.gz", "effect_map.nii.gz", "edits/*.png")
-FILLS = ("inpaint.png", "inpaint.json", "inpaint/*.png")  # a run's output sets, each replaced as a whole
+EDITS = ("counterfactual.*", "effect_map.nii.gz", "edits/*.png")  # counterfactuals' files, replaced whole by a run
+FILLS = ("inpaint.png", "inpaint.json", "inpaint/*.png")  # inpainting's files, replaced whole by a run
 
 
 @dataclass

@@ -3,9 +3,7 @@ the training split, and what a probe network trained on the real training split 
 control, and whether a classifier trained on samples alone works on real slices). predict.py calls these."""
 import math
 import os
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -157,16 +155,6 @@ def probe_path(data):
     """Where the probe trained on this data is cached."""
     return os.path.join(data.cache, f"probe_v{PROBE_VERSION}_{data.fingerprint}_{data.train.shape[-1]}_"
                         f"{probe_size(data.train)}_{PROBE_EPOCHS}.pt")
-
-
-def probe_seconds(data, device, timed_steps=3):
-    """How long training the probe on this data will take (0 when it is cached): a few of its steps, timed."""
-    if os.path.isfile(probe_path(data)):
-        return 0.0
-    fit_probe(data.train, data.train_labels, data.train_positions, len(data.classes), device, steps=1)  # warm-up
-    started = time.perf_counter()
-    fit_probe(data.train, data.train_labels, data.train_positions, len(data.classes), device, steps=timed_steps)
-    return (time.perf_counter() - started) / timed_steps * probe_steps(len(data.train))
 
 
 def probe_for(data, device):
