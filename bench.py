@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
+import objective
 import train
 import utils
 from modules import Denoiser, build_model, groups
@@ -111,7 +112,7 @@ class TrainingRun:
         start = time.perf_counter()
         for _ in range(steps):
             idx = torch.randint(0, len(self.images), (self.cfg["BATCH_SIZE"],), device=self.images.device)
-            x0, t, noise, cond = train.make_batch(self.images, idx, self.gen, self.cfg, 0, 1, self.device)
+            x0, t, noise, cond = objective.make_batch(self.images, idx, self.gen, self.cfg, 0, 1, self.device)
             train.train_step(self.net, self.model, self.optimizer, self.schedule, x0, t, noise, cond, self.cfg,
                              self.bf16)
             self.ema.update_parameters(self.model)
