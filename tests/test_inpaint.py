@@ -50,26 +50,41 @@ def test_repaint_draws_the_missing_pixel_from_its_conditional_law():
     assert resampled[..., 1].std().item() == pytest.approx(0.18, rel=0.06)
 
 
-def test_repaint_shows_the_model_the_known_pixel_noised_to_each_steps_level():
-    """Alg. 1 line 5: at every model call, on the way down and after each back-up, the known pixel is a fresh draw
-    from q(x_t | x_0) = N(sqrt(abar_t) x_0, 1 - abar_t), not x_0 itself nor noised to another step's level."""
-    s, seen = NoiseSchedule(1000, "cosine", "v"), []
+def model_calls(sampler, steps, resample, jump, n=2000, known=0.5, timesteps=1000):
+    """The schedule, and (t, the known pixel) at each call inpaint makes of the exact denoiser."""
+    s, seen = NoiseSchedule(timesteps, "cosine", "v"), []
     oracle = correlated_oracle(s)
 
     def recording(x, t):
         seen.append((int(t[0]), x[:, 0, 0, 0].clone()))
         return oracle(x, t)
-    n, known = 2000, 0.5
     fill = torch.zeros(n, 1, 1, 2, dtype=torch.bool)
     fill[..., 1] = True
-    s.inpaint(recording, torch.full((n, 1, 1, 2), known), fill, "dpm++sde", 10, resample=2, jump=2,
+    s.inpaint(recording, torch.full((n, 1, 1, 2), known), fill, sampler, steps, resample, jump,
               generator=torch.Generator().manual_seed(0), clip=False)
+    return s, seen
+
+
+def test_repaint_shows_the_model_the_known_pixel_noised_to_each_steps_level():
+    """Alg. 1 line 5: at every model call, on the way down and after each back-up, the known pixel is a fresh draw
+    from q(x_t | x_0) = N(sqrt(abar_t) x_0, 1 - abar_t), not x_0 itself nor noised to another step's level."""
+    s, seen = model_calls("dpm++sde", 10, resample=2, jump=2)
     assert len(seen) > 10  # the back-ups ran too
     for t, x in seen:
         abar = s.alphas_cumprod[t].float()
-        z = (x - abar.sqrt() * known) / (1 - abar).sqrt()  # N(0, 1) under q(x_t | x_0)
+        z = (x - abar.sqrt() * 0.5) / (1 - abar).sqrt()  # N(0, 1) under q(x_t | x_0)
         mean, std = z.mean().item(), z.std().item()
         assert abs(mean) < 0.1 and std == pytest.approx(1, abs=0.08), (t, mean, std)
+
+
+def test_resampling_walks_each_stretch_of_jump_steps_resample_times():
+    """Every stretch of `jump` steps is walked `resample` times, the last (which ends on x0) once; ddpm takes every
+    step of the schedule, the other samplers `steps` of them."""
+    s, seen = model_calls("dpm++sde", 10, resample=3, jump=3, n=4)
+    ts = s.sampling_steps(999, 10)
+    assert [t for t, _ in seen] == [ts[i] for i in [0, 1, 2] * 3 + [3, 4, 5] * 3 + [6, 7, 8, 9]]
+    _, seen = model_calls("ddpm", 10, resample=1, jump=1, n=4, timesteps=20)
+    assert [t for t, _ in seen] == list(range(19, -1, -1))
 
 
 def test_a_mask_of_everything_draws_a_sample_of_the_model():
