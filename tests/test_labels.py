@@ -3,6 +3,7 @@ its cross-sectional CSV, a BIDS dataset with participants.tsv; matching by image
 maps, three classes, and bad tables (CPU, tiny synthetic scans)."""
 import json
 import os
+from collections import Counter
 
 import nibabel
 import numpy as np
@@ -205,6 +206,30 @@ def test_ids_found_in_paths_and_tables():
     assert ("session", "sub-01_ses-02") in cohorts.ids_in_path("sub-01/ses-02/anat/sub-01_ses-02_T1w.nii.gz")
     assert cohorts.ids_in_table("OAS1_0001_MR1") == [("session", "OAS1_0001_MR1"), ("subject", "OAS1_0001")]
     assert cohorts.ids_in_table("I13722") == [("image", "13722")]
+    assert cohorts.subject_of(path) == "002_S_0295" and cohorts.subject_of("scans/a_12.png") == "scans/a_12.png"
+
+
+def test_bids_scans_with_or_without_sessions_wherever_the_dataset_lies():
+    """Only the folders inside the dataset count: one kept under a folder called code/ is read all the same."""
+    root = os.path.join(os.sep, "home", "code", "study")
+    scans = [os.path.join(root, *p) for p in (("sub-01", "anat", "sub-01_T1w.nii.gz"),
+                                              ("sub-02", "ses-01", "anat", "sub-02_ses-01_T1w.nii"))]
+    others = [os.path.join(root, *p) for p in (("derivatives", "prep", "sub-01", "anat", "sub-01_T1w.nii.gz"),
+                                               ("sub-01", "anat", "sub-01_T2w.nii.gz"), ("sub-01_T1w.nii.gz",),
+                                               ("sub-01", "func", "sub-01_task-rest_T1w.nii.gz"))]
+    assert cohorts.bids_scans(others + scans, root, "T1w") == scans
+
+
+def test_the_matching_report_names_a_few_files_of_each_kind():
+    table = cohorts.Table("labels.csv", ["Subject"], "Group", rows=[([], "AD")] * 10)
+    matching = cohorts.Matching({"a": "AD", "b": "NC"}, Counter(image=1, subject=1), ["u"], ["x1", "x2", "x3", "x4"],
+                                ["s1", "s2", "s3"], 7)
+    assert matching.report(table).splitlines() == [
+        "labels  labels.csv, column Group: 1 files by image id, 1 files by subject id",
+        "        1 files unlabelled (blank, or not in --label-map): skipped",
+        "        4 files not in the table, skipped: x1, x2, x3, ...",
+        "        3 subjects with rows that disagree, skipped: s1, s2, s3",
+        "        7 of 10 table rows matched no file"]
 
 
 def test_three_classes_train_and_get_a_row_each(tmp_path):
