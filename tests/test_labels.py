@@ -220,6 +220,25 @@ def test_bids_scans_with_or_without_sessions_wherever_the_dataset_lies():
     assert cohorts.bids_scans(others + scans, root, "T1w") == scans
 
 
+def test_files_match_rows_finest_id_first():
+    table = cohorts.Table("t.csv", ["Image Data ID", "Subject"], "Group", rows=[
+        ([("image", "1")], "AD"), ([("image", "2")], "NC"), ([("subject", "009_S_0751")], "AD"),
+        ([("subject", "009_S_0751")], "NC"), ([("image", "3")], "NC")])
+    files = ["ADNI/002_S_0295/a_I1.nii", "ADNI/other/unknown.nii", "ADNI/002_S_0413/b_I2.nii", "ADNI/009_S_0751/c.nii"]
+    matching = cohorts.match_files(files, table)
+    assert matching.labels == {files[0]: "AD", files[2]: "NC"} and matching.by_level == Counter(image=2)
+    assert matching.unmatched == [files[1]] and matching.conflicts == ["009_S_0751"] and matching.unused_rows == 1
+
+
+@pytest.mark.parametrize("row, said", [
+    (("image", "99999"), "ids like I10001, the table ids like I99999 (ID)"),
+    (("subject", "099_S_9999"), "ids like 002_S_0295, the table ids like 099_S_9999 (ID)")])
+def test_no_match_shows_an_id_of_each_side_as_the_tables_write_it(row, said):
+    with pytest.raises(InputError) as e:
+        cohorts.match_files(["ADNI/002_S_0295/a_I10001.nii"], cohorts.Table("t.csv", ["ID"], "Group", [([row], "AD")]))
+    assert f"the files carry {said}" in str(e.value), str(e.value)
+
+
 def test_the_matching_report_names_a_few_files_of_each_kind():
     table = cohorts.Table("labels.csv", ["Subject"], "Group", rows=[([], "AD")] * 10)
     matching = cohorts.Matching({"a": "AD", "b": "NC"}, Counter(image=1, subject=1), ["u"], ["x1", "x2", "x3", "x4"],

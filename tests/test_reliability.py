@@ -269,8 +269,15 @@ def test_no_usable_checkpoint_asks_for_fresh(run_copy, prev):
     with pytest.raises(InputError) as e:
         checkpoints.load_resume_state(ckpt)
     msg = single_line(e)
-    assert "--fresh" in msg and "truncated or corrupt" in msg
-    assert ("there is no checkpoint.prev.pt" in msg) == (prev == "missing")
+    second = "there is no checkpoint.prev.pt to fall back on" if prev == "missing" else \
+        f"{os.path.join(run_copy, 'checkpoint.prev.pt')} is not a readable checkpoint (truncated or corrupt)"
+    assert f"cannot resume: {ckpt} is not a readable checkpoint (truncated or corrupt); {second}: start over with " \
+           "--fresh" in msg
+
+
+def test_the_previous_version_lies_beside_the_file():
+    assert checkpoints.prev_path("run/checkpoint.pt") == "run/checkpoint.prev.pt"
+    assert checkpoints.prev_path("run/model.ckpt") == "run/model.ckpt.prev"
 
 
 def test_nothing_to_resume(tmp_path):
