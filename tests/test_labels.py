@@ -207,6 +207,32 @@ def test_ids_found_in_paths_and_tables():
     assert cohorts.ids_in_table("OAS1_0001_MR1") == [("session", "OAS1_0001_MR1"), ("subject", "OAS1_0001")]
     assert cohorts.ids_in_table("I13722") == [("image", "13722")]
     assert cohorts.subject_of(path) == "002_S_0295" and cohorts.subject_of("scans/a_12.png") == "scans/a_12.png"
+    assert cohorts.ids_in_table(" scan_12 ") == [("name", "scan_12")] and cohorts.ids_in_table(" ") == []
+    assert {("name", "data"), ("name", "AD")} <= set(cohorts.ids_in_path("data\\AD\\img_001.png"))  # Windows folders
+    assert cohorts.ids_in_path("slices/img_001.png")[-2:] == [("name", "slices"), ("name", "img_001")]
+
+
+def test_a_table_s_columns_are_found_by_name_or_as_told(tmp_path):
+    """Excel's byte-order mark and the columns' case aside."""
+    path = tmp_path / "labels.csv"
+    path.write_text("subject,GROUP,Age\n002_S_0295,CN,75\n", encoding="utf-8-sig")
+    table = cohorts.read_table(str(path))
+    assert (table.id_columns, table.label_column, table.rows) == (["subject"], "GROUP", [([("subject", "002_S_0295")],
+                                                                                       "CN")])
+    assert cohorts.read_table(str(path), label_column="age").rows == [([("subject", "002_S_0295")], "75")]
+
+
+@pytest.mark.parametrize("text, said", [
+    (None, "no label table at"), ("", "(one column: none)"),
+    ("Sex,Group\nM,CN\n", "has no an id column (Image Data ID, Subject, PTID, ID, participant_id, subject_id)"),
+    ("Subject,Sex\n1,M\n", "has no a label column (Group, DX, DX_bl, diagnosis, group, CDR)")])
+def test_a_table_without_what_it_needs_says_what(tmp_path, text, said):
+    path = tmp_path / "labels.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(InputError) as e:
+        cohorts.read_table(str(path))
+    assert said in str(e.value), str(e.value)
 
 
 def test_bids_scans_with_or_without_sessions_wherever_the_dataset_lies():
