@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script, write_blobs
+import utils
 from utils import NoiseSchedule
 
 MU, SIGMA, RHO = torch.tensor([0.2, 0.1]), 0.3, 0.8  # two-pixel images from N(MU, SIGMA^2 [[1, RHO], [RHO, 1]])
@@ -48,6 +49,57 @@ def test_repaint_draws_the_missing_pixel_from_its_conditional_law():
     assert once[..., 1].mean() < 0.34 - 0.07
     assert resampled[..., 1].mean().item() == pytest.approx(0.34, abs=0.02)
     assert resampled[..., 1].std().item() == pytest.approx(0.18, rel=0.06)
+
+
+def model_calls(sampler, steps, resample, jump, n=2000, known=0.5, timesteps=1000):
+    """The schedule, and (t, the known pixel) at each call inpaint makes of the exact denoiser."""
+    s, seen = NoiseSchedule(timesteps, "cosine", "v"), []
+    oracle = correlated_oracle(s)
+
+    def recording(x, t):
+        seen.append((int(t[0]), x[:, 0, 0, 0].clone()))
+        return oracle(x, t)
+    fill = torch.zeros(n, 1, 1, 2, dtype=torch.bool)
+    fill[..., 1] = True
+    s.inpaint(recording, torch.full((n, 1, 1, 2), known), fill, sampler, steps, resample, jump,
+              generator=torch.Generator().manual_seed(0), clip=False)
+    return s, seen
+
+
+def test_repaint_shows_the_model_the_known_pixel_noised_to_each_steps_level():
+    """Alg. 1 line 5: at every model call, on the way down and after each back-up, the known pixel is a fresh draw
+    from q(x_t | x_0) = N(sqrt(abar_t) x_0, 1 - abar_t), not x_0 itself nor noised to another step's level."""
+    s, seen = model_calls("dpm++sde", 10, resample=2, jump=2)
+    assert len(seen) > 10  # the back-ups ran too
+    for t, x in seen:
+        abar = s.alphas_cumprod[t].float()
+        z = (x - abar.sqrt() * 0.5) / (1 - abar).sqrt()  # N(0, 1) under q(x_t | x_0)
+        mean, std = z.mean().item(), z.std().item()
+        assert abs(mean) < 0.1 and std == pytest.approx(1, abs=0.08), (t, mean, std)
+
+
+def test_resampling_walks_each_stretch_of_jump_steps_resample_times():
+    """Every stretch of `jump` steps is walked `resample` times, the last (which ends on x0) once; ddpm takes every
+    step of the schedule, the other samplers `steps` of them."""
+    s, seen = model_calls("dpm++sde", 10, resample=3, jump=2, n=4)
+    ts = s.sampling_steps(999, 10)
+    assert [t for t, _ in seen] == [ts[i] for i in [0, 1] * 3 + [2, 3] * 3 + [4, 5] * 3 + [6, 7] * 3 + [8, 9]]
+    _, seen = model_calls("ddpm", 10, resample=1, jump=1, n=4, timesteps=20)
+    assert [t for t, _ in seen] == list(range(19, -1, -1))
+
+
+def test_by_default_inpaint_walks_down_once_and_clips():
+    """Defaults: the run's sampler and steps, no resampling, the model's x0 clipped to [-1, 1] (unless told not to)."""
+    s, seen = NoiseSchedule(1000, "cosine", "x0"), []
+
+    def three(x, t):  # an x0-predictor out of range
+        seen.append(int(t[0]))
+        return torch.full_like(x, 3.0)
+    known, fill = torch.zeros(2, 1, 1, 2), torch.tensor([False, True]).view(1, 1, 1, 2).expand(2, 1, 1, 2)
+    out = s.inpaint(three, known, fill, generator=torch.Generator().manual_seed(0))
+    assert seen == s.sampling_steps(999, utils.SAMPLE_STEPS) and utils.SAMPLER != "ddpm"
+    assert (out[..., 1] == 1).all() and (out[..., 0] == 0).all()
+    assert (s.inpaint(three, known, fill, clip=False)[..., 1] == 3).all()
 
 
 def test_a_mask_of_everything_draws_a_sample_of_the_model():

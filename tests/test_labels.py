@@ -3,6 +3,7 @@ its cross-sectional CSV, a BIDS dataset with participants.tsv; matching by image
 maps, three classes, and bad tables (CPU, tiny synthetic scans)."""
 import json
 import os
+from collections import Counter
 
 import nibabel
 import numpy as np
@@ -254,6 +255,75 @@ def test_ids_found_in_paths_and_tables():
     assert ("session", "sub-01_ses-02") in cohorts.ids_in_path("sub-01/ses-02/anat/sub-01_ses-02_T1w.nii.gz")
     assert cohorts.ids_in_table("OAS1_0001_MR1") == [("session", "OAS1_0001_MR1"), ("subject", "OAS1_0001")]
     assert cohorts.ids_in_table("I13722") == [("image", "13722")]
+    assert cohorts.subject_of(path) == "002_S_0295" and cohorts.subject_of("scans/a_12.png") == "scans/a_12.png"
+    assert cohorts.ids_in_table(" scan_12 ") == [("name", "scan_12")] and cohorts.ids_in_table(" ") == []
+    assert {("name", "data"), ("name", "AD")} <= set(cohorts.ids_in_path("data\\AD\\img_001.png"))  # Windows folders
+    assert cohorts.ids_in_path("slices/img_001.png")[-2:] == [("name", "slices"), ("name", "img_001")]
+
+
+def test_a_table_s_columns_are_found_by_name_or_as_told(tmp_path):
+    """Excel's byte-order mark and the columns' case aside."""
+    path = tmp_path / "labels.csv"
+    path.write_text("subject,GROUP,Age\n002_S_0295,CN,75\n", encoding="utf-8-sig")
+    table = cohorts.read_table(str(path))
+    assert (table.id_columns, table.label_column, table.rows) == (["subject"], "GROUP", [([("subject", "002_S_0295")],
+                                                                                       "CN")])
+    assert cohorts.read_table(str(path), label_column="age").rows == [([("subject", "002_S_0295")], "75")]
+
+
+@pytest.mark.parametrize("text, said", [
+    (None, "no label table at"), ("", "(one column: none)"),
+    ("Sex,Group\nM,CN\n", "has no an id column (Image Data ID, Subject, PTID, ID, participant_id, subject_id)"),
+    ("Subject,Sex\n1,M\n", "has no a label column (Group, DX, DX_bl, diagnosis, group, CDR)")])
+def test_a_table_without_what_it_needs_says_what(tmp_path, text, said):
+    path = tmp_path / "labels.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(InputError) as e:
+        cohorts.read_table(str(path))
+    assert said in str(e.value), str(e.value)
+
+
+def test_bids_scans_with_or_without_sessions_wherever_the_dataset_lies():
+    """Only the folders inside the dataset count: one kept under a folder called code/ is read all the same."""
+    root = os.path.join(os.sep, "home", "code", "study")
+    scans = [os.path.join(root, *p) for p in (("sub-01", "anat", "sub-01_T1w.nii.gz"),
+                                              ("sub-02", "ses-01", "anat", "sub-02_ses-01_T1w.nii"))]
+    others = [os.path.join(root, *p) for p in (("derivatives", "prep", "sub-01", "anat", "sub-01_T1w.nii.gz"),
+                                               ("sub-01", "anat", "sub-01_T2w.nii.gz"), ("sub-01_T1w.nii.gz",),
+                                               ("sub-01", "func", "sub-01_task-rest_T1w.nii.gz"))]
+    assert cohorts.bids_scans(others + scans, root, "T1w") == scans
+
+
+def test_files_match_rows_finest_id_first():
+    table = cohorts.Table("t.csv", ["Image Data ID", "Subject"], "Group", rows=[
+        ([("image", "1")], "AD"), ([("image", "2")], "NC"), ([("subject", "009_S_0751")], "AD"),
+        ([("subject", "009_S_0751")], "NC"), ([("image", "3")], "NC")])
+    files = ["ADNI/002_S_0295/a_I1.nii", "ADNI/other/unknown.nii", "ADNI/002_S_0413/b_I2.nii", "ADNI/009_S_0751/c.nii"]
+    matching = cohorts.match_files(files, table)
+    assert matching.labels == {files[0]: "AD", files[2]: "NC"} and matching.by_level == Counter(image=2)
+    assert matching.unmatched == [files[1]] and matching.conflicts == ["009_S_0751"] and matching.unused_rows == 1
+
+
+@pytest.mark.parametrize("row, said", [
+    (("image", "99999"), "ids like I10001, the table ids like I99999 (ID)"),
+    (("subject", "099_S_9999"), "ids like 002_S_0295, the table ids like 099_S_9999 (ID)")])
+def test_no_match_shows_an_id_of_each_side_as_the_tables_write_it(row, said):
+    with pytest.raises(InputError) as e:
+        cohorts.match_files(["ADNI/002_S_0295/a_I10001.nii"], cohorts.Table("t.csv", ["ID"], "Group", [([row], "AD")]))
+    assert f"the files carry {said}" in str(e.value), str(e.value)
+
+
+def test_the_matching_report_names_a_few_files_of_each_kind():
+    table = cohorts.Table("labels.csv", ["Subject"], "Group", rows=[([], "AD")] * 10)
+    matching = cohorts.Matching({"a": "AD", "b": "NC"}, Counter(image=1, subject=1), ["u"], ["x1", "x2", "x3", "x4"],
+                                ["s1", "s2", "s3"], 7)
+    assert matching.report(table).splitlines() == [
+        "labels  labels.csv, column Group: 1 files by image id, 1 files by subject id",
+        "        1 files unlabelled (blank, or not in --label-map): skipped",
+        "        4 files not in the table, skipped: x1, x2, x3, ...",
+        "        3 subjects with rows that disagree, skipped: s1, s2, s3",
+        "        7 of 10 table rows matched no file"]
 
 
 def test_three_classes_train_and_get_a_row_each(tmp_path):

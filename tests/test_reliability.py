@@ -208,6 +208,17 @@ def test_save_after_a_kill_between_the_renames(tmp_path):
     assert step_of(path) == 2 and step_of(str(tmp_path / "checkpoint.prev.pt")) == 1
 
 
+def test_the_previous_checkpoint_is_copied_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr(os, "link", no_links)  # a file system without hard links
+    path = str(tmp_path / "checkpoint.pt")
+    for step in (1, 2):
+        checkpoints.save_checkpoint({"model": {}, "config": {}, "step": step}, path)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    assert step_of(path) == 2 and step_of(str(tmp_path / "checkpoint.prev.pt")) == 1
+
+
 # ---------------------------------------------------------------- 2. truncated, corrupt or missing checkpoints
 def corrupt(path, how):
     data = open(path, "rb").read()
@@ -216,15 +227,16 @@ def corrupt(path, how):
                  "empty": b""}[how])
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
-def test_unreadable_checkpoint_falls_back_to_prev(run_copy, how, capsys):
-    ckpt = os.path.join(run_copy, "checkpoint.pt")
+@pytest.mark.parametrize("how, reason", [("truncated", "truncated or corrupt"), ("garbage", "truncated or corrupt"),
+                                         ("empty", "empty file")])
+def test_unreadable_checkpoint_falls_back_to_prev(run_copy, how, reason, capsys):
+    """One notice saying why (and no advice to delete it: the fallback is automatic), then one naming the fallback."""
+    ckpt, prev = os.path.join(run_copy, "checkpoint.pt"), os.path.join(run_copy, "checkpoint.prev.pt")
     corrupt(ckpt, how)
     state, path = checkpoints.load_resume_state(ckpt)
-    assert path == os.path.join(run_copy, "checkpoint.prev.pt") and state["step"] == 6
-    said = capsys.readouterr().out
-    assert f"notice: {ckpt} is not a readable checkpoint (" in said and "resuming from the previous" in said
-    assert "\x1b" not in said
+    assert path == prev and state["step"] == 6
+    assert capsys.readouterr().out.splitlines() == [f"notice: {ckpt} is not a readable checkpoint ({reason})",
+                                                    f"notice: resuming from the previous checkpoint, {prev}"]
 
 
 def test_missing_checkpoint_resumes_from_prev(run_copy, capsys):
@@ -233,9 +245,17 @@ def test_missing_checkpoint_resumes_from_prev(run_copy, capsys):
     assert path.endswith("checkpoint.prev.pt") and state["step"] == 6 and "is missing" in capsys.readouterr().out
 
 
-def test_checkpoint_without_optimizer_falls_back(run_copy):
-    shutil.copy(os.path.join(run_copy, "best.pt"), os.path.join(run_copy, "checkpoint.pt"))  # a mix-up
-    assert checkpoints.load_resume_state(os.path.join(run_copy, "checkpoint.pt"))[1].endswith("checkpoint.prev.pt")
+@pytest.mark.parametrize("lacks", [["optimizer"], ["ema", "optimizer"]])
+def test_checkpoint_without_optimizer_falls_back(run_copy, lacks, capsys):
+    ckpt = os.path.join(run_copy, "checkpoint.pt")
+    if lacks == ["optimizer"]:
+        shutil.copy(os.path.join(run_copy, "best.pt"), ckpt)  # a mix-up
+    else:
+        state = checkpoints.load_checkpoint(ckpt)
+        torch.save({k: v for k, v in state.items() if k not in lacks}, ckpt)
+    assert checkpoints.load_resume_state(ckpt)[1].endswith("checkpoint.prev.pt")
+    notice = f"notice: {ckpt} cannot be resumed from (no {', '.join(lacks)} in it)"
+    assert capsys.readouterr().out.splitlines()[0] == notice
 
 
 @pytest.mark.parametrize("prev", ["missing", "corrupt"])
@@ -249,8 +269,15 @@ def test_no_usable_checkpoint_asks_for_fresh(run_copy, prev):
     with pytest.raises(InputError) as e:
         checkpoints.load_resume_state(ckpt)
     msg = single_line(e)
-    assert "--fresh" in msg and "truncated or corrupt" in msg
-    assert ("there is no checkpoint.prev.pt" in msg) == (prev == "missing")
+    second = "there is no checkpoint.prev.pt to fall back on" if prev == "missing" else \
+        f"{os.path.join(run_copy, 'checkpoint.prev.pt')} is not a readable checkpoint (truncated or corrupt)"
+    assert f"cannot resume: {ckpt} is not a readable checkpoint (truncated or corrupt); {second}: start over with " \
+           "--fresh" in msg
+
+
+def test_the_previous_version_lies_beside_the_file():
+    assert checkpoints.prev_path("run/checkpoint.pt") == "run/checkpoint.prev.pt"
+    assert checkpoints.prev_path("run/model.ckpt") == "run/model.ckpt.prev"
 
 
 def test_nothing_to_resume(tmp_path):
@@ -316,6 +343,26 @@ def test_load_checkpoint_never_unpickles_code(tmp_path, writer, reason):
     with pytest.raises(InputError) as e:
         checkpoints.load_checkpoint(malicious(str(tmp_path / "evil.pt"), marker, writer))
     assert reason in single_line(e) and not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("error, reason", [
+    (RuntimeError("\x1b[1mWeights only load failed.\x1b[0m Unsupported global: GLOBAL \x1b[31mos.system\x1b[0m was "
+                  "not an allowed global"),
+     "it holds Python objects (os.system) that could run code, so it is never unpickled"),
+    (OSError(errno.EIO, os.strerror(errno.EIO)), os.strerror(errno.EIO)), (OSError("gone"), "gone"),
+    (b"", "empty file"), (b"PK\x03\x04half a zip", "truncated or corrupt")])
+def test_why_a_checkpoint_is_refused_in_plain_words(tmp_path, monkeypatch, error, reason):
+    """torch's reasons (or the file's bytes), terminal colour codes and errno prefixes stripped."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(error if isinstance(error, bytes) else b"something")
+
+    def refuse(*args, **kwargs):
+        raise error
+    if not isinstance(error, bytes):
+        monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(InputError) as e:
+        checkpoints.load_checkpoint(str(path))
+    assert single_line(e) == f"{path} is not a readable checkpoint ({reason}): delete it or pass another --checkpoint"
 
 
 def test_scripts_refuse_a_malicious_checkpoint(tmp_path, tiny_data):
