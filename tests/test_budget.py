@@ -83,3 +83,18 @@ def test_a_plan_follows_a_speed_that_moved_more_than_its_margin():
     assert made.costs == COSTS
     assert not budget.speed_moved(made, 0.55, 0.15) and budget.speed_moved(made, 0.4, 0.15)
     assert budget.speed_moved(made, 0.6, 0.15) and not budget.speed_moved(budget.Plan(100), 0.1, 0.15)
+
+
+@pytest.mark.parametrize("setup_s, sample_s, sampling_min, total_min", [(420.0, 149.4, 2, 10), (418.6, 152.0, 3, 11)])
+def test_the_whole_jobs_minutes_are_rounded_from_exact_seconds(setup_s, sample_s, sampling_min, total_min):
+    """A 1-minute plan: (setup + 60 + sampling) seconds in all, each figure near a rounding boundary (10.49 and 10.51
+    minutes; 2.49 and 2.53), so that a wrong factor anywhere shows."""
+    said = budget.plan_in_words(settings(), 20, 15.0, COSTS, 10, 32.0, setup_s, sample_s)
+    assert said.endswith(f"samples, about {sampling_min} min: about {total_min} minutes in all"), said
+
+
+def test_a_plan_comes_back_from_a_checkpoint_as_it_was_saved():
+    from dataclasses import asdict
+    made = plan()
+    assert budget.Plan.from_saved(asdict(made)) == made and budget.Plan.from_saved(asdict(made)).costs == COSTS
+    assert budget.Plan.from_saved({"steps": 5}) == budget.Plan(5)  # a plan saved before it kept its costs
