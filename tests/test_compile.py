@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import dataset
+import objective
 import train
 import utils
 from conftest import TINY
@@ -50,7 +51,7 @@ def twins(disks_data, tmp_path_factory):
         losses[name] = []
         for step in range(TRAIN_STEPS):
             idx = torch.randperm(len(images), generator=order)[:cfg["BATCH_SIZE"]].to(device)
-            x0, t, noise, cond = train.make_batch(images, idx, gen, cfg, 0, 1, device, labels, positions)
+            x0, t, noise, cond = objective.make_batch(images, idx, gen, cfg, 0, 1, device, labels, positions)
             loss, _ = train.train_step(net, model, optimizer, schedule, x0, t, noise, cond, cfg, False)
             losses[name].append(loss.item())
     return cfg, data, eager, compiled, losses, graphs()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import objective
 import train
 import utils
 from modules import Denoiser, build_model
@@ -30,7 +31,7 @@ def trained_bits():
         p.data.normal_(0, 0.05)
     images = utils.to_device_if_fits(torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8), device)
     gen = torch.Generator(device=device).manual_seed(0)
-    batch = train.make_batch(images, torch.arange(8, device=device), gen, CFG, 0, 1, device)
+    batch = objective.make_batch(images, torch.arange(8, device=device), gen, CFG, 0, 1, device)
     return model, utils.NoiseSchedule(CFG["TIMESTEPS"]), images, batch
 
 
@@ -43,8 +44,8 @@ def test_bf16_is_on_and_the_batch_lives_on_the_gpu_in_channels_last():
 
 def test_bf16_loss_is_near_fp32_and_fused_adamw_steps():
     model, schedule, _, (x0, t, noise, cond) = trained_bits()
-    fp32 = train.batch_loss(model, schedule, x0, t, noise, cond, CFG, False).mean()
-    bf16 = train.batch_loss(model, schedule, x0, t, noise, cond, CFG, True).mean()
+    fp32 = objective.batch_loss(model, schedule, x0, t, noise, cond, CFG, False).mean()
+    bf16 = objective.batch_loss(model, schedule, x0, t, noise, cond, CFG, True).mean()
     assert relative(bf16, fp32) < 2e-2
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
