@@ -43,8 +43,10 @@ class Slices:
     names: list
     labels: torch.Tensor | None = None  # their classes (held-out slices)
     positions: torch.Tensor | None = None  # their heights in the brain, 0 to 1 (the model sees them if it takes them)
-    twins: torch.Tensor | None = None  # the labelled demo's truth: each slice without the atrophy, in [-1, 1]
-    masks: torch.Tensor | None = None  # and the pixels the atrophy changed
+    twins: torch.Tensor | None = None  # the labelled demo's truth: each slice without the disease, in [-1, 1]
+    masks: torch.Tensor | None = None  # and the pixels the disease changed (atrophy and the brain's shrink)
+    local_twins: torch.Tensor | None = None  # the second truth: each slice without the atrophy alone (shrink kept)
+    local_masks: torch.Tensor | None = None  # and the pixels the atrophy changed
     scan: str | None = None  # the scan they came from
 
 
@@ -76,15 +78,15 @@ def heldout_slices(data, target, count, with_brain=False):
         raise InputError(f"the held-out split has no {'non-blank ' if with_brain else ''}slices "
                          f"{'' if labels is None else 'of another class '}to edit: pass --input")
     pick = others[torch.linspace(0, len(others) - 1, min(count, len(others))).round().long()]
-    twins = masks = None
-    if (truth := dataset.read_truth(data)) is not None:
-        where = {i: k for k, i in enumerate(truth[0].tolist())}
+    truth = [None] * 4
+    if (found := dataset.read_truth(data)) is not None:
+        where = {i: k for k, i in enumerate(found[0].tolist())}
         if all(i in where for i in pick.tolist()):  # the labelled demo: every non-NC slice has its truth
             rows = torch.tensor([where[i] for i in pick.tolist()])
-            twins, masks = truth[1][rows].float() / 127.5 - 1, truth[2][rows]
+            truth = [t[rows] if t.dtype == torch.bool else t[rows].float() / 127.5 - 1 for t in found[1:]]
     return Slices(data.val[pick].float() / 127.5 - 1, [pictures.slice_name(data.val_names[i]) for i in pick.tolist()],
                   None if labels is None else labels[pick],
-                  None if data.val_positions is None else data.val_positions[pick], twins, masks)
+                  None if data.val_positions is None else data.val_positions[pick], *truth)
 
 
 def given_slices(path, size):
@@ -158,7 +160,8 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
         print("notice: the input carries no slice heights (a scan, or NAME_slice_K file names): editing with none")
     positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
     figures, columns = {}, {"input": x}
-    region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without atrophy
+    region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without disease
+    truths = {"": (slices.twins, slices.masks), "local_": (slices.local_twins, slices.local_masks)}
     if target is not None:
         targets = torch.full((len(x),), target, dtype=torch.long)
         cf, null = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, x, slices.labels,
@@ -173,10 +176,9 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
             figures.update(edit_scores.effectiveness(x, cf, target, data, sampling.device))
             figures.update(round_trips(sampling, slices, positions, cf, null, target, depth, guidance, data))
         if region is not None:
-            figures.update(edit_scores.truth_scores(x, cf, null, slices.twins, slices.masks, region))
-            figures.update(edit_scores.map_scores("counterfactual", effect_map(cf - x), slices.masks, region))
             baseline = effect_map(x - edit_scores.mean_by_height(data, target, slices.positions))
-            figures.update(edit_scores.map_scores("baseline", baseline, slices.masks, region))
+            figures.update(edit_scores.against_truths(x, cf, null, truths, {"counterfactual": effect_map(cf - x),
+                                                                             "baseline": baseline}, region))
     if anomaly_depth is not None:
         maps = utils.in_batches(lambda *b: anomaly_maps(sampling, *b, target, anomaly_depth), batch, x, positions)
         columns["effect map"] = maps
@@ -186,9 +188,9 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
             pictures.save_stack(maps.clamp(0, 1) * 2 - 1, os.path.join(out, "effect_map.nii.gz"), SCAN_SLICE_MM,
                                 SCAN_SLICE_MM)
         if region is not None:
-            figures.update(edit_scores.map_scores("anomaly", maps, slices.masks, region))
+            figures.update(edit_scores.against_truths(x, None, None, truths, {"anomaly": maps}, region))
     if slices.twins is not None:
-        columns.update({"healthy twin (truth)": slices.twins, "atrophy (truth)": slices.masks.float() * 2 - 1})
+        columns.update({"healthy twin (truth)": slices.twins, "disease (truth)": slices.masks.float() * 2 - 1})
     pictures.save_edits(columns, slices.names, os.path.join(out, "counterfactual.png"),
                         f"to {classes[target]}, depth {depth:g}, guidance {guidance:g}" if target is not None else
                         f"effect maps, depth {anomaly_depth:g}")
@@ -220,7 +222,7 @@ def round_trips(sampling, slices, positions, cf, null, target, depth, guidance, 
 # ---------------------------------------------------------------- inpainting measured
 def inpaint_eval(sampling, data, resample, jump, out):
     """--inpaint-eval: held-out slices filled in random boxes over 10-25% of their brain, against what was there; and
-    on the labelled demo, the 'AD' slices' atrophy filled with the control class, against their healthy twins.
+    on the labelled demo, the 'AD' slices' atrophy filled with the control class, against their local-atrophy twins.
     Inside the masks: RePaint as asked, beside RePaint without resampling, scikit-image's biharmonic fill and the mean
     training slice of the same height; and the seams. inpaint.json and inpaint.png (the boxes). Returns the figures."""
     healthy = target_class("healthy", sampling.class_names) if sampling.class_names else None
@@ -229,7 +231,8 @@ def inpaint_eval(sampling, data, resample, jump, out):
     cases = {"boxes": (boxes, inpainting.random_boxes(boxes.images, sampling.settings["SEED"]), boxes.images,
                        boxes.labels)}
     if healthy is not None and (atrophy := heldout_slices(data, healthy, EDIT_SLICES)).twins is not None:
-        cases["atrophy"] = (atrophy, atrophy.masks, atrophy.twins, torch.full((len(atrophy.images),), healthy))
+        cases["atrophy"] = (atrophy, atrophy.local_masks, atrophy.local_twins,
+                            torch.full((len(atrophy.images),), healthy))
     figures = {"resample": resample, "jump": jump}
     utils.fresh_folder(out, FILLS)  # this run's set replaces the last one's whole
     for case, (slices, masks, truth, labels) in cases.items():

@@ -26,6 +26,18 @@ def truth_scores(inputs, counterfactuals, nulls, twins, masks, region):
             / region.float().sum().item()}
 
 
+def against_truths(inputs, counterfactuals, nulls, truths, maps, region):
+    """truth_scores (where counterfactuals are given) and map_scores of each effect map ({name: map}) against each
+    truth ({prefix: (twins, masks)}: '' the whole disease's, 'local_' the atrophy's alone), keys prefixed."""
+    figures = {}
+    for prefix, (twins, masks) in truths.items():
+        scores = {} if counterfactuals is None else truth_scores(inputs, counterfactuals, nulls, twins, masks, region)
+        for name, effect in maps.items():
+            scores.update(map_scores(name, effect, masks, region))
+        figures.update({prefix + k: v for k, v in scores.items()})
+    return figures
+
+
 def map_scores(name, maps, masks, region):
     """Pixel AUROC and AUPRC of an effect map (larger: more likely changed) against the true mask, over the brain."""
     from torchmetrics.functional.classification import binary_auroc, binary_average_precision

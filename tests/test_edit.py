@@ -122,20 +122,41 @@ def test_truth_scores_of_known_edits():
 
 
 # ---------------------------------------------------------------- the labelled demo's truth
-def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(tmp_path):
-    """Each held-out 'AD' slice has a healthy twin: the same slice wherever the atrophy did not reach, with smaller
-    ventricles and narrower sulci (less dark tissue) where it did; 'NC' and training slices have none."""
-    demo.build_labelled_demo(str(tmp_path), subjects=(1, 2), slices=6, size=64)
-    data = dataset.load_data(dict(dataset.utils.constants(), DATA_DIR=str(tmp_path / "AD_NC"), IMAGE_SIZE=64,
+@pytest.fixture(scope="module")
+def labelled_truth(tmp_path_factory):
+    """A small labelled demo at 64 px: its held-out 'AD' slices and their truth (dataset.read_truth)."""
+    folder = tmp_path_factory.mktemp("labelled")
+    demo.build_labelled_demo(str(folder), subjects=(1, 2), slices=6, size=64)
+    data = dataset.load_data(dict(dataset.utils.constants(), DATA_DIR=str(folder / "AD_NC"), IMAGE_SIZE=64,
                                   CONDITION="class"))
-    index, twins, masks = dataset.read_truth(data)
+    return folder, data, dataset.read_truth(data)
+
+
+def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(labelled_truth):
+    """Each held-out 'AD' slice has a local-atrophy twin: the same slice wherever the atrophy did not reach, with
+    smaller ventricles and narrower sulci (less dark tissue) where it did; 'NC' and training slices have none."""
+    folder, data, (index, _, _, twins, masks) = labelled_truth
     assert len(index) == 12 and (data.val_labels[index] == 0).all()  # the two held-out AD subjects
     ad = data.val[index].int()
     assert (ad - twins.int())[~masks].abs().max() <= demo.TRUTH_LEVEL and masks.any()
     brain = ad > 20
     dark = lambda images: ((images < 90) & brain).sum()  # noqa: E731  CSF-like pixels in the brain
     assert dark(ad) > 1.3 * dark(twins.int())
-    assert sorted(os.listdir(tmp_path / "truth" / "healthy")) == sorted(os.listdir(tmp_path / "truth" / "mask"))
+    listings = [sorted(os.listdir(folder / "truth" / kind)) for kind in demo.TRUTH_KINDS]
+    assert all(names == listings[0] for names in listings)
+
+
+def test_the_whole_disease_twin_undoes_the_shrink_too(labelled_truth):
+    """The whole-disease twin is the slice without atrophy and without the brain's shrink: its brain is larger than
+    the input's by about the shrink (1 / (1 - BRAIN_SHRINK * severity)^2, severities 0.35-1: 4-13% by area), more than
+    the local twin's; its mask holds the atrophy's and the outline the shrink moved."""
+    _, data, (index, whole, whole_masks, local, local_masks) = labelled_truth
+    ad = data.val[index].int()
+    area = lambda images: (images.int() > 20).sum().item()  # noqa: E731
+    growth, local_growth = area(whole) / area(ad) - 1, area(local) / area(ad) - 1
+    assert 0.04 < growth - local_growth < 0.16, (growth, local_growth)
+    assert (ad - whole.int())[~whole_masks].abs().max() <= demo.TRUTH_LEVEL
+    assert (whole_masks >= local_masks).all() and whole_masks.sum() > 1.1 * local_masks.sum()
 
 
 def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
