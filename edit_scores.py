@@ -38,6 +38,13 @@ def against_truths(inputs, counterfactuals, nulls, truths, maps, region):
     return figures
 
 
+def brain_area_changes(inputs, images, level=-0.9):
+    """The brain's area (pixels above level) in each set of images ({name: images}, None skipped) beside the
+    inputs': the relative change of the total."""
+    area = lambda x: (x > level).sum().item()  # noqa: E731
+    return {f"{name}_brain_area_change": area(x) / area(inputs) - 1 for name, x in images.items() if x is not None}
+
+
 def map_scores(name, maps, masks, region):
     """Pixel AUROC and AUPRC of an effect map (larger: more likely changed) against the true mask, over the brain."""
     from torchmetrics.functional.classification import binary_auroc, binary_average_precision
