@@ -506,19 +506,21 @@ def load_data(cfg):
 
 
 def read_truth(data):
-    """The labelled demo's truth for its held-out 'AD' slices (demo.py): (their indices in data.val, the healthy twins
-    as uint8 N x 1 x S x S, the atrophy masks as bool N x 1 x S x S), or None where the data has none. The masks are
-    made as demo.py makes its full-size ones, at this size: where slice and twin differ by more than TRUTH_LEVEL."""
+    """The labelled demo's truth for its held-out 'AD' slices (demo.py): (their indices in data.val, the whole-disease
+    twins, their masks, the local-atrophy twins, their masks; twins uint8 N x 1 x S x S, masks bool), or None where the
+    data has none. The masks are made as demo.py makes its full-size ones, at this size (demo.changed)."""
     folder = os.path.join(os.path.dirname(os.path.normpath(data.root)), demo_sets.TRUTH)
-    if not os.path.isdir(os.path.join(folder, "healthy")):
+    if not all(os.path.isdir(os.path.join(folder, kind)) for kind in ("healthy", "local_healthy")):
         return None
     found = [(i, os.path.basename(n)) for i, n in enumerate(data.val_names)
              if os.path.isfile(os.path.join(folder, "healthy", os.path.basename(n)))]
     if not found:
         return None
     index = torch.tensor([i for i, _ in found])
-    twins = _decode_all([os.path.join(folder, "healthy", n) for _, n in found], data.val.shape[-1])[0]
-    return index, twins, (data.val[index].int() - twins.int()).abs() > demo_sets.TRUTH_LEVEL
+    whole, local = (_decode_all([os.path.join(folder, kind, n) for _, n in found], data.val.shape[-1])[0]
+                    for kind in ("healthy", "local_healthy"))
+    images = data.val[index]
+    return index, whole, demo_sets.changed(images, whole, local), local, demo_sets.changed(images, local)
 
 
 def save_preview(data, path):

@@ -27,9 +27,10 @@ ATROPHY_MIN = 0.35  # labelled demo: 'AD' subjects' atrophy severity is uniform 
 VENTRICLE_MM = 6  # atrophy at severity 1: ventricles grow by this much into the tissue around them
 CORTEX_MM = 3  # atrophy at severity 1: the cortex recedes by this much from the CSF and the outside (wider sulci)
 BRAIN_SHRINK = 0.06  # atrophy at severity 1: the whole brain is this much smaller
-TRUTH = "truth"  # labelled demo: beside AD_NC/, healthy/ twins and mask/ atrophy masks of held-out AD slices
+TRUTH = "truth"  # labelled demo: beside AD_NC/, the twins and masks of held-out AD slices (TRUTH_KINDS)
+TRUTH_KINDS = ("healthy", "mask", "local_healthy", "local_mask")  # truth/: whole-disease twin and mask, atrophy's alone
 TRUTH_LEVEL = 12  # labelled demo: a pixel the atrophy changed by more than this (of 255) is in the true effect mask
-LABELLED_VERSION = "labelled demo 2: healthy twins and atrophy masks of the held-out AD slices in truth/"  # in DONE
+LABELLED_VERSION = "labelled demo 3: whole-disease and local-atrophy twins and masks of held-out AD slices"  # in DONE
 
 
 def _template(size):
@@ -162,16 +163,16 @@ def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
 def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLICES, size=256, seed=0):
     """Write an ADNI-like labelled set, AD_NC/{train,test}/{AD,NC}/SUBJECT_K.png, from the MNI ICBM152 template:
     'AD' subjects carry simulated atrophy of graded severity, 'NC' subjects none. K is the template slice number.
-    For each held-out 'AD' slice the truth goes beside, where dataset.py never reads: truth/healthy/SUBJECT_K.png,
-    the same slice without the tissue the atrophy took (same subject, look, position and brain size: the shrink stays,
-    as the random zoom of every slice hides it), and truth/mask/SUBJECT_K.png, white where the atrophy changed the
-    slice by more than TRUTH_LEVEL."""
+    For each held-out 'AD' slice the truth goes beside, where dataset.py never reads, two answers: truth/healthy/ and
+    truth/mask/, the same slice without the disease (same subject, look and position, neither atrophy nor the brain's
+    shrink) and white where the disease changed it by more than TRUTH_LEVEL; truth/local_healthy/ and
+    truth/local_mask/, the same without the atrophy's tissue loss alone (the shrink kept): where the atrophy is."""
     start = time.time()
     print(f"building the labelled demo set (simulated AD/NC) into {show_path(out_dir)} (first run only)...", flush=True)
     vol, mm = _template(size)
     g = torch.Generator().manual_seed(seed)
     save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)  # noqa: E731
-    truth = {kind: os.path.join(out_dir, TRUTH, kind) for kind in ("healthy", "mask")}
+    truth = {kind: os.path.join(out_dir, TRUTH, kind) for kind in TRUTH_KINDS}
     for folder in truth.values():
         os.makedirs(folder, exist_ok=True)
     subject = 100_000
@@ -190,14 +191,23 @@ def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLI
                     imgs, _ = _demo_slices(vol, z, look, size, mm, imgs_severity)
                     list(pool.map(save, imgs, [os.path.join(folder, f) for f in names]))
                     if split == "test" and name == "AD":
-                        twins, _ = _demo_slices(vol, z, look, size, mm, torch.zeros(slices), shrink=imgs_severity)
-                        masks = ((imgs.int() - twins.int()).abs() > TRUTH_LEVEL).to(torch.uint8) * 255
-                        list(pool.map(save, list(twins) + list(masks), [os.path.join(truth["healthy"], f) for f in names]
-                                      + [os.path.join(truth["mask"], f) for f in names]))
+                        twin = lambda shrink: _demo_slices(vol, z, look, size, mm, 0 * shrink, shrink)[0]  # noqa: E731
+                        whole, local = twin(torch.zeros(slices)), twin(imgs_severity)  # no shrink; the shrink kept
+                        white = lambda mask: mask.to(torch.uint8) * 255  # noqa: E731
+                        images = {"healthy": whole, "mask": white(changed(imgs, whole, local)), "local_healthy": local,
+                                  "local_mask": white(changed(imgs, local))}
+                        list(pool.map(save, [a for k in TRUTH_KINDS for a in images[k]],
+                                      [os.path.join(truth[k], f) for k in TRUTH_KINDS for f in names]))
     with open(os.path.join(out_dir, "DONE"), "w") as f:  # written last: a half-built demo is rebuilt
         f.write(f"{LABELLED_VERSION}\nMNI ICBM152, simulated atrophy: {subjects} subjects per class, {slices} slices, "
                 f"{size}px, seed {seed}\n")
     print(f"built the labelled demo: {2 * sum(subjects) * slices} slices in {time.time() - start:.0f} s")
+
+
+def changed(images, *twins):
+    """A true effect mask: where uint8 slices differ from any of their twins by more than TRUTH_LEVEL (the
+    whole disease's mask is taken against both twins, so that it holds the atrophy's)."""
+    return torch.stack([(images.int() - twin.int()).abs() > TRUTH_LEVEL for twin in twins]).any(0)
 
 
 def is_built(out_dir, labelled):

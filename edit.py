@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 import dataset
@@ -29,6 +30,14 @@ DEPTH = 1.0  # counterfactuals: the share of T the slices are inverted to (--dep
 ANOMALY_DEPTH = 0.7  # effect maps (--anomaly): the share of T the slices are noised to (--depth; docs/editing.md)
 ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions are averaged
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
+EDIT_MASK = "none"  # counterfactuals (--edit-mask): where they may change the slice: none, auto (DiffEdit) or masks
+MASK_NOISINGS = 10  # --edit-mask auto (DiffEdit): noisings of the slice over which the class contrast is averaged
+MASK_DEPTH = 0.5  # --edit-mask auto: the share of T those noisings reach
+MASK_CLAMP = 3.0  # --edit-mask auto: the contrast is clamped at this multiple of its mean, then rescaled to [0, 1]
+MASK_THRESHOLD = 0.5  # --edit-mask auto: the rescaled contrast above this is edited
+MASK_MARGIN = 0.04  # --edit-mask auto: the brain grown by this share of the image side (a shrunk brain may regrow)
+MASK_FEATHER = 1.0  # edit masks: their edge fades out over a Gaussian of this many pixels (sigma), so no seam shows
+NULL_CYCLES = 10  # composition: the null intervention applied this many times (and once)
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
 SCAN_SLICE_MM = 1.0  # counterfactual.nii.gz from a scan: nominal millimetres per pixel and per slice
 BRAIN_LEVEL = 12  # a held-out slice with no pixel above this (of 255) is blank: no brain to fill a box in
@@ -43,8 +52,10 @@ class Slices:
     names: list
     labels: torch.Tensor | None = None  # their classes (held-out slices)
     positions: torch.Tensor | None = None  # their heights in the brain, 0 to 1 (the model sees them if it takes them)
-    twins: torch.Tensor | None = None  # the labelled demo's truth: each slice without the atrophy, in [-1, 1]
-    masks: torch.Tensor | None = None  # and the pixels the atrophy changed
+    twins: torch.Tensor | None = None  # the labelled demo's truth: each slice without the disease, in [-1, 1]
+    masks: torch.Tensor | None = None  # and the pixels the disease changed (atrophy and the brain's shrink)
+    local_twins: torch.Tensor | None = None  # the second truth: each slice without the atrophy alone (shrink kept)
+    local_masks: torch.Tensor | None = None  # and the pixels the atrophy changed
     scan: str | None = None  # the scan they came from
 
 
@@ -76,15 +87,15 @@ def heldout_slices(data, target, count, with_brain=False):
         raise InputError(f"the held-out split has no {'non-blank ' if with_brain else ''}slices "
                          f"{'' if labels is None else 'of another class '}to edit: pass --input")
     pick = others[torch.linspace(0, len(others) - 1, min(count, len(others))).round().long()]
-    twins = masks = None
-    if (truth := dataset.read_truth(data)) is not None:
-        where = {i: k for k, i in enumerate(truth[0].tolist())}
+    truth = [None] * 4
+    if (found := dataset.read_truth(data)) is not None:
+        where = {i: k for k, i in enumerate(found[0].tolist())}
         if all(i in where for i in pick.tolist()):  # the labelled demo: every non-NC slice has its truth
             rows = torch.tensor([where[i] for i in pick.tolist()])
-            twins, masks = truth[1][rows].float() / 127.5 - 1, truth[2][rows]
+            truth = [t[rows] if t.dtype == torch.bool else t[rows].float() / 127.5 - 1 for t in found[1:]]
     return Slices(data.val[pick].float() / 127.5 - 1, [pictures.slice_name(data.val_names[i]) for i in pick.tolist()],
                   None if labels is None else labels[pick],
-                  None if data.val_positions is None else data.val_positions[pick], twins, masks)
+                  None if data.val_positions is None else data.val_positions[pick], *truth)
 
 
 def given_slices(path, size):
@@ -111,18 +122,76 @@ def unique_names(paths, root):
     return [pictures.slice_name(os.path.relpath(p, root).replace(os.sep, "_")) for p in paths]
 
 
-def counterfactual(sampling, x, sources, positions, targets, depth, guidance):
+def counterfactual(sampling, x, sources, positions, targets, depth, guidance, edit=None):
     """DDIM inversion of x to depth*T under its own classes (None: no class) and positions, with the model alone (no
     guidance, no clipping, fp32), then ddim back with the same steps: under the target classes with classifier-free
     guidance on the class, and under the sources unguided (the null intervention, which returns x up to the
-    discretisation error). Returns (counterfactuals, null reconstructions), in [-1, 1]."""
+    discretisation error). With an edit mask (in [0, 1]), the decoding under the targets follows the inversion's own
+    path outside it (DiffEdit's masked decoding): there it returns x. Returns (counterfactuals, null
+    reconstructions), in [-1, 1]."""
     settings, schedule = sampling.settings, sampling.schedule
     end, steps = max(1, round(depth * schedule.timesteps) - 1), settings["SAMPLE_STEPS"]
-    latent = schedule.invert(sampling.plain(sources, positions), x.to(sampling.device), end, steps,
-                             settings["STEP_SPACING"])
-    decode = lambda net: schedule.sample(net, sampler="ddim", steps=steps, eta=0.0, x=latent.clone(),  # noqa: E731
-                                         start_t=end, clip=False, spacing=settings["STEP_SPACING"]).cpu().clamp(-1, 1)
-    return decode(sampling.plain(targets, positions, guidance)), decode(sampling.plain(sources, positions))
+    latent, path = schedule.invert(sampling.plain(sources, positions), x.to(sampling.device), end, steps,
+                                   settings["STEP_SPACING"], keep=True)
+    decode = lambda net, **blend: schedule.sample(net, sampler="ddim", steps=steps, eta=0.0,  # noqa: E731
+                                                  x=latent.clone(), start_t=end, clip=False,
+                                                  spacing=settings["STEP_SPACING"], **blend).cpu().clamp(-1, 1)
+    blend = {} if edit is None else {"path": path, "edit": edit.to(sampling.device)}
+    return decode(sampling.plain(targets, positions, guidance), **blend), decode(sampling.plain(sources, positions))
+
+
+def null_cycles(sampling, x, sources, positions, depth, cycles):
+    """Composition (Monteiro et al. 2023): the null intervention (inverted and decoded under the own class) applied
+    `cycles` times."""
+    for _ in range(cycles):
+        x = counterfactual(sampling, x, sources, positions, sources, depth, 1.0)[1]
+    return x
+
+
+def near_brain(x):
+    """Where an automatic edit may reach: the brain (pixels above BRAIN_LEVEL) grown by MASK_MARGIN of the side."""
+    r = max(1, round(MASK_MARGIN * x.shape[-1]))
+    brain = (x > BRAIN_LEVEL / 127.5 - 1).any(1, keepdim=True).float()
+    return F.max_pool2d(brain, 2 * r + 1, 1, r)
+
+
+def auto_mask(sampling, x, sources, positions, targets):
+    """DiffEdit's edit mask (Couairon et al. 2023, sec. 3.1), on the class: x noised to MASK_DEPTH x T with
+    MASK_NOISINGS draws, the model's noise predictions under the target and the source classes (None: no class)
+    contrasted, |difference| averaged over draws and channels, clamped at MASK_CLAMP x its mean and rescaled to
+    [0, 1], near the brain only. Returns (that map, the mask: the map above MASK_THRESHOLD)."""
+    schedule, device = sampling.schedule, sampling.device
+    t = max(1, round(MASK_DEPTH * schedule.timesteps) - 1)
+    gen = torch.Generator(device=device).manual_seed(sampling.settings["SEED"])
+    x, models = x.to(device), [sampling.plain(c, positions) for c in (targets, sources)]
+    contrast = torch.zeros_like(x[:, :1])
+    for _ in range(MASK_NOISINGS):
+        noise = torch.randn(x.shape, generator=gen, device=device)
+        x_t = schedule.q_sample(x, torch.full((len(x),), t, device=device), noise)
+        (eps, _), (eps_source, _) = (schedule.denoise(model, x_t, t, clip=False) for model in models)
+        contrast += (eps - eps_source).abs().mean(1, keepdim=True) / MASK_NOISINGS
+    limit = MASK_CLAMP * contrast.mean((1, 2, 3), keepdim=True)
+    scaled = contrast.clamp(max=limit) / limit.clamp(min=1e-12) * near_brain(x)  # none where the classes agree
+    return scaled.cpu(), (scaled > MASK_THRESHOLD).cpu()
+
+
+def feathered(mask):
+    """A mask softened outward so that no seam shows: 1 on it, fading over a Gaussian of MASK_FEATHER pixels around
+    it (all white stays all 1, empty stays 0)."""
+    size = 2 * round(3 * MASK_FEATHER) + 1
+    return torch.maximum(mask.float(), gaussian_blur(mask.float(), [size, size], [MASK_FEATHER, MASK_FEATHER]))
+
+
+def edit_masks(sampling, setting, slices, sources, positions, targets):
+    """Where counterfactuals may change the slices (--edit-mask): (feathered masks, None for 'none'; DiffEdit's
+    contrast map for 'auto', else None). An empty mask leaves its slice as it is."""
+    if setting == "none":
+        return None, None
+    if setting != "auto":
+        return feathered(inpainting.read_masks(setting, slices.names, sampling.cfg["IMAGE_SIZE"], "--edit-mask")), None
+    contrast, masks = utils.in_batches(lambda *b: auto_mask(sampling, *b), sampling.settings["SAMPLE_BATCH"],
+                                       slices.images, sources, positions, targets)
+    return feathered(masks), contrast
 
 
 def effect_map(difference):
@@ -147,10 +216,10 @@ def anomaly_maps(sampling, x, positions, target, depth):
     return effect_map(x.cpu() - torch.stack(recons).mean(0))
 
 
-def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, data, out):
-    """Counterfactuals of the slices toward class `target` (when given; inverted to depth) and effect maps (with an
-    anomaly_depth): files, the picture, and, where the truth or labels allow, the figures in counterfactual.json with
-    the settings (none: {}). Returns them."""
+def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, data, out, mask_setting=EDIT_MASK):
+    """Counterfactuals of the slices toward class `target` (when given; inverted to depth, changed where mask_setting
+    says) and effect maps (with an anomaly_depth): files, the picture, and the figures in counterfactual.json with the
+    settings (soundness for every slice; more where the truth or labels allow). Returns them."""
     utils.fresh_folder(out, EDITS)  # this run's set replaces the last one's whole
     os.makedirs(os.path.join(out, "edits"), exist_ok=True)
     batch, x, classes = sampling.settings["SAMPLE_BATCH"], slices.images, sampling.class_names
@@ -158,25 +227,32 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
         print("notice: the input carries no slice heights (a scan, or NAME_slice_K file names): editing with none")
     positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
     figures, columns = {}, {"input": x}
-    region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without atrophy
+    region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without disease
+    truths = {"": (slices.twins, slices.masks), "local_": (slices.local_twins, slices.local_masks)}
     if target is not None:
         targets = torch.full((len(x),), target, dtype=torch.long)
-        cf, null = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, x, slices.labels,
-                              positions, targets)
+        cf, null, masks, contrast = counterfactuals(sampling, slices, slices.labels, positions, targets, depth,
+                                                    guidance, mask_setting)
+        save_counterfactuals(slices, cf, masks, classes[target], out)
         columns.update({"counterfactual": cf, "difference": cf - x})
-        for name, image, change in zip(slices.names, cf, effect_map(cf - x)):
-            utils.save_png(image, os.path.join(out, "edits", f"{name}_to_{classes[target]}.png"))
-            utils.save_png(change.clamp(0, 1) * 2 - 1, os.path.join(out, "edits", f"{name}_to_{classes[target]}_map.png"))
-        if slices.scan:
-            pictures.save_stack(cf, os.path.join(out, "counterfactual.nii.gz"), SCAN_SLICE_MM, SCAN_SLICE_MM)
+        if masks is not None:
+            columns["edit mask"] = masks * 2 - 1
+            figures.update({"edit_mask": mask_setting, "edit_mask_share": masks.mean().item(),
+                            "empty_edit_masks": int((masks.flatten(1).amax(1) == 0).sum())})
+            if figures["empty_edit_masks"]:
+                print(f"notice: {figures['empty_edit_masks']} of {len(x)} edit masks are empty (nothing to change: "
+                      f"the classes' predictions agree there): those slices are written unchanged")
+        figures.update(soundness(sampling, slices, positions, cf, null, target, depth, guidance, mask_setting))
         if slices.labels is not None:
             figures.update(edit_scores.effectiveness(x, cf, target, data, sampling.device))
-            figures.update(round_trips(sampling, slices, positions, cf, null, target, depth, guidance, data))
+            figures.update(stays(sampling, data, len(x), target, depth, guidance, mask_setting))
         if region is not None:
-            figures.update(edit_scores.truth_scores(x, cf, null, slices.twins, slices.masks, region))
-            figures.update(edit_scores.map_scores("counterfactual", effect_map(cf - x), slices.masks, region))
             baseline = effect_map(x - edit_scores.mean_by_height(data, target, slices.positions))
-            figures.update(edit_scores.map_scores("baseline", baseline, slices.masks, region))
+            maps = {"counterfactual": effect_map(cf - x), "baseline": baseline,
+                    **({} if contrast is None else {"edit_mask": contrast})}
+            figures.update(edit_scores.against_truths(x, cf, null, truths, maps, region))
+            figures.update(edit_scores.brain_area_changes(x, {"cf": cf, "twin": slices.twins,
+                                                              "local_twin": slices.local_twins}))
     if anomaly_depth is not None:
         maps = utils.in_batches(lambda *b: anomaly_maps(sampling, *b, target, anomaly_depth), batch, x, positions)
         columns["effect map"] = maps
@@ -186,9 +262,9 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
             pictures.save_stack(maps.clamp(0, 1) * 2 - 1, os.path.join(out, "effect_map.nii.gz"), SCAN_SLICE_MM,
                                 SCAN_SLICE_MM)
         if region is not None:
-            figures.update(edit_scores.map_scores("anomaly", maps, slices.masks, region))
+            figures.update(edit_scores.against_truths(x, None, None, truths, {"anomaly": maps}, region))
     if slices.twins is not None:
-        columns.update({"healthy twin (truth)": slices.twins, "atrophy (truth)": slices.masks.float() * 2 - 1})
+        columns.update({"healthy twin (truth)": slices.twins, "disease (truth)": slices.masks.float() * 2 - 1})
     pictures.save_edits(columns, slices.names, os.path.join(out, "counterfactual.png"),
                         f"to {classes[target]}, depth {depth:g}, guidance {guidance:g}" if target is not None else
                         f"effect maps, depth {anomaly_depth:g}")
@@ -200,27 +276,59 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
     return figures
 
 
-def round_trips(sampling, slices, positions, cf, null, target, depth, guidance, data):
-    """Reversibility: the counterfactuals taken back to their own classes, against the inputs; and held-out slices of
-    the target class asked to stay in it, against their null intervention (mean absolute changes, [-1, 1] scale)."""
+def counterfactuals(sampling, slices, sources, positions, targets, depth, guidance, mask_setting):
+    """counterfactual() of every slice, in batches, changed where mask_setting says: (counterfactuals, null
+    reconstructions, the feathered edit masks or None, DiffEdit's contrast map or None)."""
+    masks, contrast = edit_masks(sampling, mask_setting, slices, sources, positions, targets)
+    cf, null = utils.in_batches(lambda x, s, p, t, m: counterfactual(sampling, x, s, p, t, depth, guidance, m),
+                                sampling.settings["SAMPLE_BATCH"], slices.images, sources, positions, targets, masks)
+    return cf, null, masks, contrast
+
+
+def save_counterfactuals(slices, cf, masks, to, out):
+    """edits/NAME_to_CLASS.png, its effect map (_map) and edit mask (_mask, where one is used); the scan's stack."""
+    for k, (name, image, change) in enumerate(zip(slices.names, cf, effect_map(cf - slices.images))):
+        utils.save_png(image, os.path.join(out, "edits", f"{name}_to_{to}.png"))
+        utils.save_png(change.clamp(0, 1) * 2 - 1, os.path.join(out, "edits", f"{name}_to_{to}_map.png"))
+        if masks is not None:
+            utils.save_png(masks[k] * 2 - 1, os.path.join(out, "edits", f"{name}_to_{to}_mask.png"))
+    if slices.scan:
+        pictures.save_stack(cf, os.path.join(out, "counterfactual.nii.gz"), SCAN_SLICE_MM, SCAN_SLICE_MM)
+
+
+def soundness(sampling, slices, positions, cf, null, target, depth, guidance, mask_setting):
+    """Monteiro et al. 2023, against the inputs (mean absolute changes, [-1, 1] scale; no truth needed): composition,
+    the null intervention once and NULL_CYCLES times; reversibility, the counterfactuals taken back to the slices' own
+    classes (to no class where they are not known) by the same edit."""
     batch, x = sampling.settings["SAMPLE_BATCH"], slices.images
     targets = torch.full((len(x),), target, dtype=torch.long)
-    back, _ = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, cf, targets, positions,
-                         slices.labels)
+    back = counterfactuals(sampling, Slices(cf, slices.names), targets, positions, slices.labels, depth, guidance,
+                           mask_setting)[0]
+    cycled = utils.in_batches(lambda *b: null_cycles(sampling, *b, depth, NULL_CYCLES), batch, x, slices.labels,
+                              positions)
+    return {"null_change": (null - x).abs().mean().item(),
+            f"null_{NULL_CYCLES}_cycles_change": (cycled - x).abs().mean().item(),
+            "round_trip_change": (back - x).abs().mean().item()}
+
+
+def stays(sampling, data, count, target, depth, guidance, mask_setting):
+    """Held-out slices of the target class asked to stay in it (automatic masks, or none), against themselves, beside
+    their null intervention."""
     staying = torch.nonzero(data.val_labels == target)[:, 0]
-    staying = staying[torch.linspace(0, len(staying) - 1, min(len(x), len(staying))).round().long()]
-    own = data.val[staying].float() / 127.5 - 1
-    kept, kept_null = utils.in_batches(lambda *b: counterfactual(sampling, *b, depth, guidance), batch, own,
-                                 data.val_labels[staying], None if positions is None else data.val_positions[staying],
-                                 data.val_labels[staying])
-    return {"round_trip_change": (back - x).abs().mean().item(), "null_change": (null - x).abs().mean().item(),
-            "stay_change": (kept - own).abs().mean().item(), "stay_null_change": (kept_null - own).abs().mean().item()}
+    staying = staying[torch.linspace(0, len(staying) - 1, min(count, len(staying))).round().long()]
+    own = Slices(data.val[staying].float() / 127.5 - 1, [pictures.slice_name(data.val_names[i]) for i in
+                                                         staying.tolist()], data.val_labels[staying])
+    positions = data.val_positions[staying] if utils.conditions_of(sampling.cfg)[1] else None
+    setting = mask_setting if mask_setting in ("auto", "none") else "none"  # a user's masks are for other slices
+    kept, kept_null, _, _ = counterfactuals(sampling, own, own.labels, positions, own.labels, depth, guidance, setting)
+    return {"stay_change": (kept - own.images).abs().mean().item(),
+            "stay_null_change": (kept_null - own.images).abs().mean().item()}
 
 
 # ---------------------------------------------------------------- inpainting measured
 def inpaint_eval(sampling, data, resample, jump, out):
     """--inpaint-eval: held-out slices filled in random boxes over 10-25% of their brain, against what was there; and
-    on the labelled demo, the 'AD' slices' atrophy filled with the control class, against their healthy twins.
+    on the labelled demo, the 'AD' slices' atrophy filled with the control class, against their local-atrophy twins.
     Inside the masks: RePaint as asked, beside RePaint without resampling, scikit-image's biharmonic fill and the mean
     training slice of the same height; and the seams. inpaint.json and inpaint.png (the boxes). Returns the figures."""
     healthy = target_class("healthy", sampling.class_names) if sampling.class_names else None
@@ -229,7 +337,8 @@ def inpaint_eval(sampling, data, resample, jump, out):
     cases = {"boxes": (boxes, inpainting.random_boxes(boxes.images, sampling.settings["SEED"]), boxes.images,
                        boxes.labels)}
     if healthy is not None and (atrophy := heldout_slices(data, healthy, EDIT_SLICES)).twins is not None:
-        cases["atrophy"] = (atrophy, atrophy.masks, atrophy.twins, torch.full((len(atrophy.images),), healthy))
+        cases["atrophy"] = (atrophy, atrophy.local_masks, atrophy.local_twins,
+                            torch.full((len(atrophy.images),), healthy))
     figures = {"resample": resample, "jump": jump}
     utils.fresh_folder(out, FILLS)  # this run's set replaces the last one's whole
     for case, (slices, masks, truth, labels) in cases.items():
@@ -264,6 +373,9 @@ def parse_settings(argv=None):
     parser.add_argument("--depth", type=float, help="--to-label, --anomaly: how far into the diffusion the slices are "
                         f"taken, a share of its steps in (0, 1] (default: {DEPTH:g} for counterfactuals, "
                         f"{ANOMALY_DEPTH:g} for effect maps)")
+    parser.add_argument("--edit-mask", metavar="auto|none|PATH", help="--to-label: where counterfactuals may change "
+                        "the slice: auto (where the model's predictions under the two classes differ, DiffEdit), none "
+                        f"(anywhere), or a mask image or a folder of masks named like the slices (default: {EDIT_MASK})")
     parser.add_argument("--mask", help="inpainting of --input where the mask is white: box:X0,Y0,X1,Y1 (fractions of "
                         "the image), one mask image, or a folder of masks named like the slices")
     parser.add_argument("--resample", type=int, default=inpainting.RESAMPLE, help="inpainting: RePaint's passes over "
@@ -286,6 +398,12 @@ def parse_settings(argv=None):
         raise InputError("--mask needs the slices to fill: pass --input IMAGE_OR_FOLDER (or a scan)")
     if args.depth is not None and not 0 < args.depth <= 1:
         raise InputError(f"--depth must be in (0, 1] (a share of the diffusion steps), got {args.depth}")
+    if args.edit_mask is not None and args.to_label is None:
+        raise InputError("--edit-mask says where counterfactuals may change a slice: use it with --to-label NAME")
+    if args.edit_mask not in (None, "auto", "none") and not (args.edit_mask.startswith("box:") or
+                                                            os.path.exists(args.edit_mask)):
+        raise InputError(f"--edit-mask {args.edit_mask}: no such mask file or folder (give auto, none, or a mask image "
+                         f"or folder of masks named like the slices)")
     if args.resample < 1 or args.jump < 1:
         raise InputError(f"--resample and --jump must be 1 or more, got {args.resample} and {args.jump}")
     return settings, args
@@ -295,6 +413,9 @@ def edit_slices(sampling: Sampling, args, out):
     """--to-label, --anomaly: counterfactuals and effect maps of the given slices or of held-out ones."""
     depth = DEPTH if args.depth is None else args.depth
     anomaly_depth = (ANOMALY_DEPTH if args.depth is None else args.depth) if args.anomaly else None
+    if args.edit_mask is not None and not sampling.class_names:
+        raise InputError(f"--edit-mask {args.edit_mask}: this model was not trained with class conditioning, and an "
+                         f"edit mask shapes class counterfactuals (train with --condition class or class+slice)")
     target = None if args.to_label is None else target_class(args.to_label, sampling.class_names)
     if args.to_label is not None and target is None:
         print(f"notice: --to-label healthy: none of this model's classes ({', '.join(sampling.class_names)}) is a "
@@ -305,10 +426,12 @@ def edit_slices(sampling: Sampling, args, out):
     slices = (given_slices(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else
               heldout_slices(data, target, EDIT_SLICES))
     guidance = sampling.settings["GUIDANCE"]
+    mask_setting = EDIT_MASK if args.edit_mask is None else args.edit_mask
     print(f"editing {len(slices.images)} slices" + (f" into {sampling.class_names[target]} (depth {depth:g}, "
-                                                    f"guidance {guidance:g})" if target is not None else "")
+                                                    f"guidance {guidance:g}, edit mask {mask_setting})"
+                                                    if target is not None else "")
           + (f", effect maps (depth {anomaly_depth:g})" if args.anomaly else ""))
-    figures = edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, data, out)
+    figures = edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, data, out, mask_setting)
     print(f"-> {out}/counterfactual.png, {out}/edits/" + (f", {out}/counterfactual.json" if figures else ""))
     print("\n".join(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}" for k, v in figures.items()))
 

@@ -26,6 +26,25 @@ def truth_scores(inputs, counterfactuals, nulls, twins, masks, region):
             / region.float().sum().item()}
 
 
+def against_truths(inputs, counterfactuals, nulls, truths, maps, region):
+    """truth_scores (where counterfactuals are given) and map_scores of each effect map ({name: map}) against each
+    truth ({prefix: (twins, masks)}: '' the whole disease's, 'local_' the atrophy's alone), keys prefixed."""
+    figures = {}
+    for prefix, (twins, masks) in truths.items():
+        scores = {} if counterfactuals is None else truth_scores(inputs, counterfactuals, nulls, twins, masks, region)
+        for name, effect in maps.items():
+            scores.update(map_scores(name, effect, masks, region))
+        figures.update({prefix + k: v for k, v in scores.items()})
+    return figures
+
+
+def brain_area_changes(inputs, images, level=-0.9):
+    """The brain's area (pixels above level) in each set of images ({name: images}, None skipped) beside the
+    inputs': the relative change of the total."""
+    area = lambda x: (x > level).sum().item()  # noqa: E731
+    return {f"{name}_brain_area_change": area(x) / area(inputs) - 1 for name, x in images.items() if x is not None}
+
+
 def map_scores(name, maps, masks, region):
     """Pixel AUROC and AUPRC of an effect map (larger: more likely changed) against the true mask, over the brain."""
     from torchmetrics.functional.classification import binary_auroc, binary_average_precision

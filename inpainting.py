@@ -17,14 +17,14 @@ JUMP = 5  # inpainting (--jump): sampler steps noised back up at a time (RePaint
 
 
 # ---------------------------------------------------------------- masks
-def parse_box(spec):
+def parse_box(spec, flag="--mask"):
     """(x0, y0, x1, y1) from box:X0,Y0,X1,Y1, fractions of the image's width and height."""
     try:
         x0, y0, x1, y1 = (float(v) for v in spec[4:].split(","))
     except ValueError:
         x0 = y0 = x1 = y1 = -1.0
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise InputError(f"--mask {spec}: give box:X0,Y0,X1,Y1, fractions of the image with X0 < X1 and Y0 < Y1")
+        raise InputError(f"{flag} {spec}: give box:X0,Y0,X1,Y1, fractions of the image with X0 < X1 and Y0 < Y1")
     return x0, y0, x1, y1
 
 
@@ -48,12 +48,12 @@ def read_mask(path, size, said):
     return (values >= 128)[None]
 
 
-def read_masks(spec, names, size):
-    """--mask: a box (box:X0,Y0,X1,Y1), one mask image for all the slices, or a folder of masks paired with the
-    slices by file name; white is filled. Returns bool N x 1 x S x S."""
+def read_masks(spec, names, size, flag="--mask"):
+    """--mask (or another flag): a box (box:X0,Y0,X1,Y1), one mask image for all the slices, or a folder of masks
+    paired with the slices by file name; white is filled. Returns bool N x 1 x S x S."""
     said = set()
     if spec.startswith("box:"):
-        x0, y0, x1, y1 = parse_box(spec)
+        x0, y0, x1, y1 = parse_box(spec, flag)
         mask = torch.zeros(1, size, size, dtype=torch.bool)
         mask[:, round(y0 * size):max(round(y1 * size), round(y0 * size) + 1),
              round(x0 * size):max(round(x1 * size), round(x0 * size) + 1)] = True
@@ -69,7 +69,7 @@ def read_masks(spec, names, size):
             raise InputError(f"the mask {utils.show_path(found[unused[0]])} has no slice of its name in --input")
         masks = torch.stack([read_mask(found[n], size, said) for n in names])
     else:
-        raise InputError(f"--mask {spec} is neither box:X0,Y0,X1,Y1 nor a mask image or folder")
+        raise InputError(f"{flag} {spec} is neither box:X0,Y0,X1,Y1 nor a mask image or folder")
     for line in sorted(said):
         print(line)
     return masks.clone()

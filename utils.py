@@ -338,12 +338,14 @@ class NoiseSchedule:
 
     @torch.no_grad()
     def sample(self, model, shape=None, sampler=SAMPLER, steps=SAMPLE_STEPS, eta=DDIM_ETA, x=None, start_t=None,
-               generator=None, device="cpu", clip=True, callback=None, spacing=STEP_SPACING):
+               generator=None, device="cpu", clip=True, callback=None, spacing=STEP_SPACING, path=None, edit=None):
         """Run the reverse process with one of SAMPLERS and return x_0.
 
         model(x_t, t) returns the network output; `x` and `start_t` start part-way (denoise a noised image),
         otherwise from N(0, I) of `shape` at t = T-1. `spacing` is STEP_SPACING's power; `callback(i, n, x_t,
-        x0_pred)` sees every step.
+        x0_pred)` sees every step. Masked decoding (DiffEdit, Couairon et al. 2023, sec. 3.2): given `path`, {t: x_t}
+        of every step (invert's, with keep), and `edit` (a mask in [0, 1], 1 where the sampler draws), each step lands
+        on edit * x_t' + (1 - edit) * path[t'], and the last on path[0] outside the mask.
         """
         start_t = self.timesteps - 1 if start_t is None else int(start_t)
         if x is None:
@@ -358,6 +360,8 @@ class NoiseSchedule:
                 x = x0
             else:
                 x, previous = update(x, x0, eps, abar[t], abar[t_next], noise, previous)
+            if path is not None:
+                x = edit * x + (1 - edit) * path[max(t_next, 0)]
             if callback is not None:
                 callback(i, len(ts), x, x0)
         return x
@@ -389,17 +393,20 @@ class NoiseSchedule:
                 x, k, previous = ratio.sqrt() * x + (1 - ratio).sqrt() * noise(), k - jump, None
 
     @torch.no_grad()
-    def invert(self, model, x, end_t, steps, spacing=STEP_SPACING):
+    def invert(self, model, x, end_t, steps, spacing=STEP_SPACING, keep=False):
         """DDIM inversion (Song et al. 2021, eq. 12 with eta 0, run from the image up; Dhariwal & Nichol 2021, app. F):
         the image x, taken as x at step 0, to x_{end_t} along the same deterministic path, the model's x0 never
         clipped. The steps are sample()'s in reverse, so ddim with them (eta 0, no clipping) from the result returns x
-        up to the discretisation error: each step evaluates the model where it leaves, not where it arrives."""
+        up to the discretisation error: each step evaluates the model where it leaves, not where it arrives. With
+        keep: (x_{end_t}, {t: x_t} of every step, x itself at 0), the path sample() follows outside an edit mask."""
         ts = self.sampling_steps(end_t, steps, spacing)[::-1]
         abar = self.alphas_cumprod.to(x.device).float()
+        path = {ts[0]: x}
         for t, t_next in zip(ts, ts[1:]):
             eps, x0 = self.denoise(model, x, t, clip=False)
             x, _ = ddim_step(x, x0, eps, abar[t], abar[t_next], None, None)
-        return x
+            path[t_next] = x
+        return (x, path) if keep else x
 
 
 # ---------------------------------------------------------------- samplers: one step each, from t to t' < t

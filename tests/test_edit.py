@@ -95,6 +95,67 @@ def test_a_scan_in_gives_a_stack_out(toy_run, tmp_path):
     assert stack.shape == (16, 16, 6)
 
 
+# ---------------------------------------------------------------- edit masks (DiffEdit)
+def test_masked_decoding_keeps_the_slice_outside_the_mask(toy_run):
+    """Outside the edit mask each step takes the inversion's own intermediate: the counterfactual is the input there
+    (the encoding's start), and the edit shows inside."""
+    _, slices = ad_disks(toy_run)
+    x, ones = slices.images, torch.ones(len(slices.images), dtype=torch.long)
+    edit_mask = torch.zeros_like(x)
+    edit_mask[..., :, :8] = 1  # the left half
+    cf, null = edit.counterfactual(toy_sampling(toy_run, 5), x, slices.labels, None, ones, 0.6, 2.0, edit_mask)
+    assert torch.equal(cf[..., 8:], x[..., 8:])
+    assert (cf - x)[..., :8].abs().mean() > 3 * (null - x).abs().mean()
+
+
+def test_an_all_white_mask_is_the_unmasked_counterfactual(toy_run):
+    _, slices = ad_disks(toy_run)
+    x, ones = slices.images, torch.ones(len(slices.images), dtype=torch.long)
+    sampling = toy_sampling(toy_run, 5)
+    plain = edit.counterfactual(sampling, x, slices.labels, None, ones, 0.6, 2.0)[0]
+    white = edit.counterfactual(sampling, x, slices.labels, None, ones, 0.6, 2.0, edit.feathered(x > -2))[0]
+    assert torch.equal(white, plain)
+
+
+def test_the_automatic_mask_finds_where_the_classes_differ(toy_run):
+    """The toy's classes differ in the disk's brightness alone: the contrast of the model's predictions under them
+    marks the disk and little else (on this 16 px toy, at half the diffusion, the disk's rim and the largest disks,
+    whose contrast is near the image's mean, fall under the threshold); as an effect map it ranks the disk first."""
+    _, slices = ad_disks(toy_run)
+    disk = slices.images > 0
+    contrast, mask = edit.auto_mask(toy_sampling(toy_run), slices.images, slices.labels, None,
+                                    torch.ones(len(disk), dtype=torch.long))
+    assert (mask & disk).sum() > 0.85 * mask.sum() and (mask & disk).sum() > 0.5 * disk.sum(), (mask.sum(), disk.sum())
+    scores = edit_scores.map_scores("m", contrast, disk, torch.ones_like(disk))
+    assert scores["m_map_auroc"] > 0.9, scores
+
+
+def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
+    """--edit-mask with a mask file (of another size: resized) that is all white edits as --edit-mask none does; an
+    automatic mask with nothing to change (a blank slice) says so and writes the input unchanged; the soundness
+    figures come for a user's slices too."""
+    from PIL import Image
+    given = tmp_path / "given"
+    given.mkdir()
+    disk = np.asarray(Image.open(os.path.join(disks_data, "test", "AD", sorted(os.listdir(os.path.join(disks_data,
+                                                                                                "test", "AD")))[0])))
+    Image.fromarray(disk).save(given / "disk.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(given / "blank.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "white.png")
+    made = {}
+    for setting in ("none", str(tmp_path / "white.png"), "auto"):
+        out = tmp_path / setting.replace("/", "_")
+        r = run_script("edit.py", "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--output-dir", out,
+                       "--compile", "false", "--to-label", "NC", "--input", given, "--sample-steps", "5",
+                       "--edit-mask", setting)
+        assert r.returncode == 0, r.stderr
+        made[setting] = {n: np.asarray(Image.open(out / "edit" / "edits" / f"{n}_to_NC.png")) for n in ("disk", "blank")}
+        figures = json.load(open(out / "edit" / "counterfactual.json"))
+        assert {"null_change", f"null_{edit.NULL_CYCLES}_cycles_change", "round_trip_change"} <= set(figures)
+    assert all(np.array_equal(made["none"][n], made[str(tmp_path / "white.png")][n]) for n in ("disk", "blank"))
+    assert "1 of 2 edit masks are empty" in r.stdout and not made["auto"]["blank"].any()
+
+
 # ---------------------------------------------------------------- the scores, on known answers
 def test_pixel_auc_of_perfect_random_and_inverted_maps():
     gen = torch.Generator().manual_seed(0)
@@ -122,20 +183,41 @@ def test_truth_scores_of_known_edits():
 
 
 # ---------------------------------------------------------------- the labelled demo's truth
-def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(tmp_path):
-    """Each held-out 'AD' slice has a healthy twin: the same slice wherever the atrophy did not reach, with smaller
-    ventricles and narrower sulci (less dark tissue) where it did; 'NC' and training slices have none."""
-    demo.build_labelled_demo(str(tmp_path), subjects=(1, 2), slices=6, size=64)
-    data = dataset.load_data(dict(dataset.utils.constants(), DATA_DIR=str(tmp_path / "AD_NC"), IMAGE_SIZE=64,
+@pytest.fixture(scope="module")
+def labelled_truth(tmp_path_factory):
+    """A small labelled demo at 64 px: its held-out 'AD' slices and their truth (dataset.read_truth)."""
+    folder = tmp_path_factory.mktemp("labelled")
+    demo.build_labelled_demo(str(folder), subjects=(1, 2), slices=6, size=64)
+    data = dataset.load_data(dict(dataset.utils.constants(), DATA_DIR=str(folder / "AD_NC"), IMAGE_SIZE=64,
                                   CONDITION="class"))
-    index, twins, masks = dataset.read_truth(data)
+    return folder, data, dataset.read_truth(data)
+
+
+def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(labelled_truth):
+    """Each held-out 'AD' slice has a local-atrophy twin: the same slice wherever the atrophy did not reach, with
+    smaller ventricles and narrower sulci (less dark tissue) where it did; 'NC' and training slices have none."""
+    folder, data, (index, _, _, twins, masks) = labelled_truth
     assert len(index) == 12 and (data.val_labels[index] == 0).all()  # the two held-out AD subjects
     ad = data.val[index].int()
     assert (ad - twins.int())[~masks].abs().max() <= demo.TRUTH_LEVEL and masks.any()
     brain = ad > 20
     dark = lambda images: ((images < 90) & brain).sum()  # noqa: E731  CSF-like pixels in the brain
     assert dark(ad) > 1.3 * dark(twins.int())
-    assert sorted(os.listdir(tmp_path / "truth" / "healthy")) == sorted(os.listdir(tmp_path / "truth" / "mask"))
+    listings = [sorted(os.listdir(folder / "truth" / kind)) for kind in demo.TRUTH_KINDS]
+    assert all(names == listings[0] for names in listings)
+
+
+def test_the_whole_disease_twin_undoes_the_shrink_too(labelled_truth):
+    """The whole-disease twin is the slice without atrophy and without the brain's shrink: its brain is larger than
+    the input's by about the shrink (1 / (1 - BRAIN_SHRINK * severity)^2, severities 0.35-1: 4-13% by area), more than
+    the local twin's; its mask holds the atrophy's and the outline the shrink moved."""
+    _, data, (index, whole, whole_masks, local, local_masks) = labelled_truth
+    ad = data.val[index].int()
+    area = lambda images: (images.int() > 20).sum().item()  # noqa: E731
+    growth, local_growth = area(whole) / area(ad) - 1, area(local) / area(ad) - 1
+    assert 0.04 < growth - local_growth < 0.16, (growth, local_growth)
+    assert (ad - whole.int())[~whole_masks].abs().max() <= demo.TRUTH_LEVEL
+    assert (whole_masks >= local_masks).all() and whole_masks.sum() > 1.1 * local_masks.sum()
 
 
 def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
@@ -149,15 +231,19 @@ def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
 @pytest.mark.parametrize("flags, expected", [
     (("--to-label", "MCI"), "--to-label MCI is not one of this model's classes: AD, NC"),
     (("--to-label", "NC", "--depth", "0"), "--depth must be in (0, 1]"),
-    (("--to-label", "NC", "--depth", "1.5"), "--depth must be in (0, 1]")])
+    (("--to-label", "NC", "--depth", "1.5"), "--depth must be in (0, 1]"),
+    (("--to-label", "NC", "--edit-mask", "no/such/masks"), "--edit-mask no/such/masks: no such mask file or folder"),
+    (("--anomaly", "--edit-mask", "auto"), "use it with --to-label")])
 def test_bad_edits_get_one_line(toy_run, flags, expected):
     r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", *flags)
     assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_edits_need_a_class_model_and_readable_input(tiny_run, toy_run, tmp_path):
-    r = run_script("edit.py", "--output-dir", tiny_run, "--compile", "false", "--to-label", "NC")
-    assert r.returncode == 2 and "not trained with class conditioning" in r.stderr
+    for flags in (("--to-label", "NC"), ("--to-label", "NC", "--edit-mask", "auto")):
+        r = run_script("edit.py", "--output-dir", tiny_run, "--compile", "false", *flags)
+        assert r.returncode == 2 and "not trained with class conditioning" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and flags[-1] in r.stderr, r.stderr
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b not a scan")
     empty = tmp_path / "empty"
