@@ -271,8 +271,8 @@ def test_row_labels_keep_the_slice_number():
 
 
 def test_a_second_edit_replaces_the_first_runs_set(toy_run, tmp_path, disks_data):
-    """Counterfactuals of held-out slices (with figures), then of one slice of the user's (none): the JSON and the
-    pictures of the first run do not stay beside the second's."""
+    """Counterfactuals of held-out slices (figures against labels and truth), then of one slice of the user's
+    (soundness only): the JSON and the pictures describe the second run alone."""
     out = tmp_path / "out"
     common = ["--output-dir", str(out), "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--compile", "false",
               "--sample-steps", "3", "--to-label", "NC"]
@@ -283,5 +283,6 @@ def test_a_second_edit_replaces_the_first_runs_set(toy_run, tmp_path, disks_data
     first = sorted(os.listdir(os.path.join(disks_data, "test", "AD")))[0]
     os.link(os.path.join(disks_data, "test", "AD", first), mine / first)
     assert run_script("edit.py", *common, "--input", str(mine)).returncode == 0
-    assert not (out / "edit" / "counterfactual.json").exists()
+    figures = json.load(open(out / "edit" / "counterfactual.json"))
+    assert figures["slices"] == 1 and "effectiveness" not in figures
     assert sorted(os.listdir(out / "edit" / "edits")) == [f"{first[:-4]}_to_NC.png", f"{first[:-4]}_to_NC_map.png"]
