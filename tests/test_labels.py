@@ -173,7 +173,7 @@ def test_dataset_py_reports_the_matching(tmp_path):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("no match", "no file matches"), ("no column", "has no a label column"),
+    ("no match", "no file matches"), ("no column", "has no label column"),
     ("one class", "labels the files with 1 class (NC)"), ("not a table", "is not a CSV or TSV table"),
     ("bad map", "--label-map CN: give VALUE=CLASS pairs"), ("header only", "holds no rows"),
     ("empty class", "--label-map CN=,AD=AD: CN maps to no class")])
@@ -272,9 +272,9 @@ def test_a_table_s_columns_are_found_by_name_or_as_told(tmp_path):
 
 
 @pytest.mark.parametrize("text, said", [
-    (None, "no label table at"), ("", "(one column: none)"),
-    ("Sex,Group\nM,CN\n", "has no an id column (Image Data ID, Subject, PTID, ID, participant_id, subject_id)"),
-    ("Subject,Sex\n1,M\n", "has no a label column (Group, DX, DX_bl, diagnosis, group, CDR)")])
+    (None, "no label table at"), ("", "holds no rows: add a row for each scan or subject"),
+    ("Sex,Group\nM,CN\n", "has no id column (Image Data ID, Subject, PTID, ID, participant_id, subject_id)"),
+    ("Subject,Sex\n1,M\n", "has no label column (Group, DX, DX_bl, diagnosis, group, CDR)")])
 def test_a_table_without_what_it_needs_says_what(tmp_path, text, said):
     path = tmp_path / "labels.csv"
     if text is not None:
