@@ -137,9 +137,9 @@ def read_table(path, id_column="", label_column="", label_map=""):
     ids = find([id_column]) if id_column else find(ID_COLUMNS)
     label = find([label_column]) if label_column else find(LABEL_COLUMNS)
     if not ids or not label:
-        wanted = f"the column {id_column}" if id_column else "id column (" + ", ".join(ID_COLUMNS) + ")"
+        wanted = f"column {id_column}" if id_column else "id column (" + ", ".join(ID_COLUMNS) + ")"
         if ids:
-            wanted = f"the column {label_column}" if label_column else "label column (" + ", ".join(
+            wanted = f"column {label_column}" if label_column else "label column (" + ", ".join(
                 LABEL_COLUMNS) + ")"
         raise InputError(f"{shown} has no {wanted}; its columns: {', '.join(columns)} (name one with --id-column or "
                          f"--label-column)")
