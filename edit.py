@@ -10,6 +10,7 @@ slices, measured against what was there and the labelled demo's truth.
 """
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import inpainting
 import pictures
 import utils
 import volumes
+from cohorts import ADNI_NAME, SLICE_NAME
 from predict import Sampling, load_heldout, open_checkpoint, sampling_parser
 from utils import InputError
 
@@ -30,16 +32,18 @@ DEPTH = 1.0  # counterfactuals: the share of T the slices are inverted to (--dep
 ANOMALY_DEPTH = 0.7  # effect maps (--anomaly): the share of T the slices are noised to (--depth; docs/editing.md)
 ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions are averaged
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
-EDIT_MASK = "none"  # counterfactuals (--edit-mask): where they may change the slice: none, auto (DiffEdit) or masks
+EDIT_MASK = "none"  # counterfactuals (--edit-mask): where they may change the slice: none, change, auto or masks
 MASK_NOISINGS = 10  # --edit-mask auto (DiffEdit): noisings of the slice over which the class contrast is averaged
 MASK_DEPTH = 0.5  # --edit-mask auto: the share of T those noisings reach
-MASK_CLAMP = 3.0  # --edit-mask auto: the contrast is clamped at this multiple of its mean, then rescaled to [0, 1]
-MASK_THRESHOLD = 0.5  # --edit-mask auto: the rescaled contrast above this is edited
-MASK_MARGIN = 0.04  # --edit-mask auto: the brain grown by this share of the image side (a shrunk brain may regrow)
+MASK_CLAMP = 3.0  # --edit-mask auto, change: the map is clamped at this multiple of its mean, rescaled to [0, 1]
+MASK_THRESHOLD = 0.5  # --edit-mask auto: the rescaled contrast above this is edited (DiffEdit's)
+CHANGE_THRESHOLD = 0.7  # --edit-mask change: the rescaled effect map above this is edited (docs/editing.md)
+MASK_MARGIN = 0.04  # --edit-mask auto, change: the brain grown by this share of the side (a shrunk brain may regrow)
 MASK_FEATHER = 1.0  # edit masks: their edge fades out over a Gaussian of this many pixels (sigma), so no seam shows
 NULL_CYCLES = 10  # composition: the null intervention applied this many times (and once)
 CYCLED_SLICES = 8  # composition: the first slices that are cycled NULL_CYCLES times (it costs 10 inversions each)
 HEALTHY = ("nc", "cn", "hc", "control", "controls", "healthy", "normal")  # what --to-label healthy may name
+NAMED_STACK = 8  # --input files: their names give heights where each subject has this many slices or more
 SCAN_SLICE_MM = 1.0  # counterfactual.nii.gz from a scan: nominal millimetres per pixel and per slice
 BRAIN_LEVEL = 12  # a held-out slice with no pixel above this (of 255) is blank: no brain to fill a box in
 EDITS = ("counterfactual.*", "effect_map.nii.gz", "edits/*.png")  # counterfactuals' files, replaced whole by a run
@@ -101,7 +105,7 @@ def heldout_slices(data, target, count, with_brain=False):
 
 def given_slices(path, size):
     """--input: a scan (its kept slices, with their heights), or an image file or folder (heights from the names
-    where they carry slice numbers, else not given)."""
+    where they are reliable, see named_heights, else not given)."""
     if os.path.isfile(path) and path.lower().endswith(volumes.SCAN_EXTS):
         try:
             images, positions, _, _ = volumes.read_scan(path, size)
@@ -110,8 +114,37 @@ def given_slices(path, size):
         names = [f"slice_{k:03d}" for k in range(len(images))]
         return Slices(images[:, None].float() / 127.5 - 1, names, positions=positions, scan=path)
     images, paths = dataset.read_folder(path, size, with_names=True)
-    positions = dataset.slice_positions(paths, "folder")[0]
-    return Slices(images.float() / 127.5 - 1, unique_names(paths, path), positions=positions)
+    return Slices(images.float() / 127.5 - 1, unique_names(paths, path), positions=named_heights(paths))
+
+
+def named_heights(paths):
+    """Heights from file names (OASIS-style NAME_slice_K, else ADNI-style SUBJECT_K): the rank of K among its
+    subject's slices, as training reads them. Only where every subject has NAMED_STACK slices or more, so that the
+    ranks span a stack (three slices of a subject would read as its bottom, middle and top); else None."""
+    for layout, pattern in (("folder", SLICE_NAME), ("adni", ADNI_NAME)):
+        positions, _ = dataset.slice_positions(paths, layout)
+        if positions is not None:
+            stacks = Counter((os.path.dirname(p), pattern.fullmatch(os.path.basename(p).split(".")[0])[1])
+                             for p in paths)
+            return positions if min(stacks.values()) >= NAMED_STACK else None
+    return None
+
+
+def given_conditions(slices, sampling, args):
+    """--input slices' own class (--label, else not known) and heights (--slice-position F, or A:B spread over them
+    in order; else what the scan or the names give), as the model takes them."""
+    classes, by_slice = utils.conditions_of(sampling.cfg)
+    n = len(slices.images)
+    if args.label not in (None, "all"):
+        slices.labels = torch.full((n,), sampling.labels[0], dtype=torch.long)
+    if args.slice_position is not None:
+        slices.positions = torch.linspace(*sampling.positions, n)
+    if by_slice and slices.positions is None:
+        print(f"notice: the heights of the --input slices are not known (a folder without {NAMED_STACK} or more "
+              f"NAME_slice_K or SUBJECT_K slices a subject): editing them as of any height; --slice-position F says")
+    if classes and slices.labels is None:
+        print("notice: the class of the --input slices is not given: editing them as of any class; --label NAME says")
+    return slices
 
 
 def unique_names(paths, root):
@@ -129,14 +162,14 @@ def inverted(sampling, x, sources, positions, depth):
     settings, schedule = sampling.settings, sampling.schedule
     end = max(1, round(depth * schedule.timesteps) - 1)
     latent, path = schedule.invert(sampling.plain(sources, positions), x.to(sampling.device), end,
-                                   settings["SAMPLE_STEPS"], settings["STEP_SPACING"], keep=True)
+                                   settings["EDIT_STEPS"], settings["STEP_SPACING"], keep=True)
     return latent, path, end
 
 
 def decoded(sampling, latent, end, net, **blend):
     """ddim back from a latent at step `end` with the inversion's steps, in [-1, 1]; blend: DiffEdit's path and mask."""
     settings = sampling.settings
-    return sampling.schedule.sample(net, sampler="ddim", steps=settings["SAMPLE_STEPS"], eta=0.0, x=latent.clone(),
+    return sampling.schedule.sample(net, sampler="ddim", steps=settings["EDIT_STEPS"], eta=0.0, x=latent.clone(),
                                     start_t=end, clip=False, spacing=settings["STEP_SPACING"],
                                     **blend).cpu().clamp(-1, 1)
 
@@ -183,9 +216,21 @@ def auto_mask(sampling, x, sources, positions, targets):
         x_t = schedule.q_sample(x, torch.full((len(x),), t, device=device), noise)
         (eps, _), (eps_source, _) = (schedule.denoise(model, x_t, t, clip=False) for model in models)
         contrast += (eps - eps_source).abs().mean(1, keepdim=True) / MASK_NOISINGS
+    return thresholded(contrast.cpu(), x.cpu(), MASK_THRESHOLD)
+
+
+def change_mask(x, cf):
+    """Where the unmasked counterfactual cf changes x most: its effect map, thresholded as DiffEdit's contrast is.
+    Returns (the rescaled map, the mask)."""
+    return thresholded(effect_map(cf - x).mean(1, keepdim=True), x, CHANGE_THRESHOLD)
+
+
+def thresholded(contrast, x, threshold):
+    """DiffEdit's recipe on a map of where to edit: clamped at MASK_CLAMP x its mean over each slice, rescaled to
+    [0, 1], near x's brain only. Returns (that map, the mask: the map above threshold)."""
     limit = MASK_CLAMP * contrast.mean((1, 2, 3), keepdim=True)
-    scaled = contrast.clamp(max=limit) / limit.clamp(min=1e-12) * near_brain(x)  # none where the classes agree
-    return scaled.cpu(), (scaled > MASK_THRESHOLD).cpu()
+    scaled = contrast.clamp(max=limit) / limit.clamp(min=1e-12) * near_brain(x)  # 0 where nothing differs
+    return scaled, scaled > threshold
 
 
 def feathered(mask):
@@ -196,9 +241,10 @@ def feathered(mask):
 
 
 def edit_masks(sampling, setting, slices, sources, positions, targets):
-    """Where counterfactuals may change the slices (--edit-mask): (feathered masks, None for 'none'; DiffEdit's
-    contrast map for 'auto', else None). An empty mask leaves its slice as it is."""
-    if setting == "none":
+    """Where counterfactuals may change the slices (--edit-mask): (feathered masks, None for 'none' and 'change'
+    (made from the counterfactual itself); DiffEdit's contrast map for 'auto', else None). An empty mask leaves its
+    slice as it is."""
+    if setting in ("none", "change"):
         return None, None
     if setting != "auto":
         return feathered(inpainting.read_masks(setting, slices.names, sampling.cfg["IMAGE_SIZE"], "--edit-mask")), None
@@ -236,8 +282,6 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
     utils.fresh_folder(out, EDITS)  # this run's set replaces the last one's whole
     os.makedirs(os.path.join(out, "edits"), exist_ok=True)
     batch, x, classes = sampling.settings["SAMPLE_BATCH"], slices.images, sampling.class_names
-    if utils.conditions_of(sampling.cfg)[1] and slices.positions is None:
-        print("notice: the input carries no slice heights (a scan, or NAME_slice_K file names): editing with none")
     positions = slices.positions if utils.conditions_of(sampling.cfg)[1] else None
     figures, columns = {}, {"input": x}
     region = None if slices.twins is None else (x > -0.9) | (slices.twins > -0.9)  # the brain, with or without disease
@@ -253,10 +297,10 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
             figures.update({"edit_mask": mask_setting, "edit_mask_share": masks.mean().item(),
                             "empty_edit_masks": int((masks.flatten(1).amax(1) == 0).sum())})
             if figures["empty_edit_masks"]:
-                print(f"notice: {figures['empty_edit_masks']} of {len(x)} edit masks are empty (nothing to change: "
-                      f"the classes' predictions agree there): those slices are written unchanged")
+                print(f"notice: {figures['empty_edit_masks']} of {len(x)} edit masks are empty (nothing to change "
+                      f"there: a blank slice, or one the class leaves as it is): those slices are written unchanged")
         figures.update(soundness(sampling, slices, positions, cf, null, target, depth, guidance, mask_setting))
-        if slices.labels is not None:
+        if data is not None and slices.labels is not None:
             figures.update(edit_scores.effectiveness(x, cf, target, data, sampling.device))
             figures.update(stays(sampling, data, len(x), target, depth, guidance, mask_setting))
         if region is not None:
@@ -290,11 +334,18 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
 
 
 def counterfactuals(sampling, slices, sources, positions, targets, depth, guidance, mask_setting):
-    """counterfactual() of every slice, in batches, changed where mask_setting says: (counterfactuals, null
-    reconstructions, the feathered edit masks or None, DiffEdit's contrast map or None)."""
+    """counterfactual() of every slice, in batches, changed where mask_setting says ('change': decoded unmasked,
+    then again within change_mask): (counterfactuals, null reconstructions, the feathered edit masks or None, the
+    map the masks were thresholded from or None)."""
     masks, contrast = edit_masks(sampling, mask_setting, slices, sources, positions, targets)
-    cf, null = utils.in_batches(lambda x, s, p, t, m: counterfactual(sampling, x, s, p, t, depth, guidance, m),
-                                sampling.settings["SAMPLE_BATCH"], slices.images, sources, positions, targets, masks)
+    edited = lambda m: utils.in_batches(  # noqa: E731
+        lambda x, s, p, t, m: counterfactual(sampling, x, s, p, t, depth, guidance, m), sampling.settings[
+            "SAMPLE_BATCH"], slices.images, sources, positions, targets, m)
+    cf, null = edited(masks)
+    if mask_setting == "change":
+        contrast, found = change_mask(slices.images, cf)
+        masks = feathered(found)
+        cf = edited(masks)[0]
     return cf, null, masks, contrast
 
 
@@ -310,9 +361,10 @@ def save_counterfactuals(slices, cf, masks, to, out):
 
 
 def soundness(sampling, slices, positions, cf, null, target, depth, guidance, mask_setting):
-    """Monteiro et al. 2023, against the inputs (mean absolute changes, [-1, 1] scale; no truth needed): composition,
-    the null intervention once and, on the first CYCLED_SLICES, NULL_CYCLES times (beside once on those); reversibility,
-    the counterfactuals taken back to the slices' own classes (to no class where they are not known) by the same edit."""
+    """Monteiro et al. 2023, against the inputs (mean absolute changes, [-1, 1] scale; no truth needed): the
+    counterfactuals' change beside the null intervention's; composition, the null intervention once and, on the first
+    CYCLED_SLICES, NULL_CYCLES times (beside once on those); reversibility, the counterfactuals taken back to the
+    slices' own classes (to no class where they are not known) by the same edit."""
     batch, x, few = sampling.settings["SAMPLE_BATCH"], slices.images, slice(0, CYCLED_SLICES)
     targets = torch.full((len(x),), target, dtype=torch.long)
     back = counterfactuals(sampling, Slices(cf, slices.names), targets, positions, slices.labels, depth, guidance,
@@ -320,7 +372,7 @@ def soundness(sampling, slices, positions, cf, null, target, depth, guidance, ma
     cycled = utils.in_batches(lambda *b: null_cycles(sampling, *b, depth, NULL_CYCLES), batch, x[few],
                               None if slices.labels is None else slices.labels[few],
                               None if positions is None else positions[few])
-    return {"null_change": (null - x).abs().mean().item(),
+    return {"change": (cf - x).abs().mean().item(), "null_change": (null - x).abs().mean().item(),
             f"null_change_first_{CYCLED_SLICES}": (null[few] - x[few]).abs().mean().item(),
             f"null_{NULL_CYCLES}_cycles_change_first_{CYCLED_SLICES}": (cycled - x[few]).abs().mean().item(),
             "round_trip_change": (back - x).abs().mean().item()}
@@ -334,7 +386,7 @@ def stays(sampling, data, count, target, depth, guidance, mask_setting):
     own = Slices(data.val[staying].float() / 127.5 - 1, [pictures.slice_name(data.val_names[i]) for i in
                                                          staying.tolist()], data.val_labels[staying])
     positions = data.val_positions[staying] if utils.conditions_of(sampling.cfg)[1] else None
-    setting = mask_setting if mask_setting in ("auto", "none") else "none"  # a user's masks are for other slices
+    setting = mask_setting if mask_setting in ("auto", "change", "none") else "none"  # a user's are for others
     kept, kept_null, _, _ = counterfactuals(sampling, own, own.labels, positions, own.labels, depth, guidance, setting)
     return {"stay_change": (kept - own.images).abs().mean().item(),
             "stay_null_change": (kept_null - own.images).abs().mean().item()}
@@ -388,9 +440,10 @@ def parse_settings(argv=None):
     parser.add_argument("--depth", type=float, help="--to-label, --anomaly: how far into the diffusion the slices are "
                         f"taken, a share of its steps in (0, 1] (default: {DEPTH:g} for counterfactuals, "
                         f"{ANOMALY_DEPTH:g} for effect maps)")
-    parser.add_argument("--edit-mask", metavar="auto|none|PATH", help="--to-label: where counterfactuals may change "
-                        "the slice: auto (where the model's predictions under the two classes differ, DiffEdit), none "
-                        f"(anywhere), or a mask image or a folder of masks named like the slices (default: {EDIT_MASK})")
+    parser.add_argument("--edit-mask", metavar="change|auto|none|PATH", help="--to-label: where counterfactuals may "
+                        "change the slice: change (where the unmasked counterfactual changes it most; decoded twice), "
+                        "auto (where the model's predictions under the two classes differ, DiffEdit), none (anywhere), "
+                        f"or a mask image or a folder of masks named like the slices (default: {EDIT_MASK})")
     parser.add_argument("--mask", help="inpainting of --input where the mask is white: box:X0,Y0,X1,Y1 (fractions of "
                         "the image), one mask image, or a folder of masks named like the slices")
     parser.add_argument("--resample", type=int, default=inpainting.RESAMPLE, help="inpainting: RePaint's passes over "
@@ -415,10 +468,13 @@ def parse_settings(argv=None):
         raise InputError(f"--depth must be in (0, 1] (a share of the diffusion steps), got {args.depth}")
     if args.edit_mask is not None and args.to_label is None:
         raise InputError("--edit-mask says where counterfactuals may change a slice: use it with --to-label NAME")
-    if args.edit_mask not in (None, "auto", "none") and not (args.edit_mask.startswith("box:") or
+    if args.edit_mask not in (None, "auto", "change", "none") and not (args.edit_mask.startswith("box:") or
                                                             os.path.exists(args.edit_mask)):
         raise InputError(f"--edit-mask {args.edit_mask}: no such mask file or folder (give auto, none, or a mask image "
                          f"or folder of masks named like the slices)")
+    if args.input is None and (args.label, args.slice_position) != (None, None) and editing:
+        raise InputError("--label and --slice-position describe --input slices (their class and heights); held-out "
+                         "slices carry their own: drop them, or pass --input")
     if args.resample < 1 or args.jump < 1:
         raise InputError(f"--resample and --jump must be 1 or more, got {args.resample} and {args.jump}")
     return settings, args
@@ -438,8 +494,8 @@ def edit_slices(sampling: Sampling, args, out):
         if not args.anomaly:
             return
     data = load_heldout(sampling) if args.input is None else None
-    slices = (given_slices(args.input, sampling.cfg["IMAGE_SIZE"]) if args.input else
-              heldout_slices(data, target, EDIT_SLICES))
+    slices = (given_conditions(given_slices(args.input, sampling.cfg["IMAGE_SIZE"]), sampling, args) if args.input
+              else heldout_slices(data, target, EDIT_SLICES))
     guidance = sampling.settings["GUIDANCE"]
     mask_setting = EDIT_MASK if args.edit_mask is None else args.edit_mask
     print(f"editing {len(slices.images)} slices" + (f" into {sampling.class_names[target]} (depth {depth:g}, "
@@ -454,12 +510,9 @@ def edit_slices(sampling: Sampling, args, out):
 def fill_given(sampling: Sampling, args, out):
     """--mask: inpaint the given slices where the mask is white."""
     size = sampling.cfg["IMAGE_SIZE"]
-    slices = given_slices(args.input, size)
+    slices = given_conditions(given_slices(args.input, size), sampling, args)
     masks = inpainting.read_masks(args.mask, slices.names, size)
-    if args.slice_position is not None:
-        slices.positions = torch.full((len(masks),), sampling.positions[0])
-    labels = torch.full((len(masks),), sampling.labels[0]) if args.label not in (None, "all") else None
-    inpainting.fill_and_save(sampling, slices, masks, labels, args.resample, args.jump, out, FILLS)
+    inpainting.fill_and_save(sampling, slices, masks, slices.labels, args.resample, args.jump, out, FILLS)
     print(f"filled {len(masks)} slices -> {out}/inpaint.png, {out}/inpaint/")
 
 

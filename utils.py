@@ -69,6 +69,7 @@ MAX_NONFINITE = 20  # non-finite losses in a row that stop training
 # Sampling
 SAMPLER = "dpm++sde"  # 'ddpm' (all T steps) | 'ddim' | 'dpm++' (ODE) | 'dpm++sde' (as varied as ddpm in 50 steps)
 SAMPLE_STEPS = 50  # steps of ddim and dpm++(sde): 50 draw as well as 100, 25 less varied (docs/quality.md)
+EDIT_STEPS = 100  # edit.py's counterfactuals: DDIM steps of their inversion and decoding (docs/editing.md)
 STEP_SPACING = 2.0  # ddim/dpm++(sde) timesteps t_i = T * (1 - i/n) ** STEP_SPACING: 1 even in t, 2 denser near the image
 DDIM_ETA = 0.0  # ddim noise: 0 deterministic, 1 like ddpm
 NUM_SAMPLES = 64  # images predict.py generates
@@ -172,8 +173,8 @@ def parse_settings(parser, argv=None):
 def check_config(cfg):
     """Refuse contradictory or out-of-range settings with one clear line: the one place the settings are checked."""
     for name in ("IMAGE_SIZE", "PATCH_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "TIMESTEPS", "EPOCHS", "SAMPLE_STEPS",
-                 "NUM_SAMPLES", "SAMPLE_BATCH", "CHANNELS", "NUM_HEADS", "SAMPLE_EVERY", "CHECKPOINT_EVERY",
-                 "LOG_EVERY", "NUM_RES_BLOCKS"):
+                 "EDIT_STEPS", "NUM_SAMPLES", "SAMPLE_BATCH", "CHANNELS", "NUM_HEADS", "SAMPLE_EVERY",
+                 "CHECKPOINT_EVERY", "LOG_EVERY", "NUM_RES_BLOCKS"):
         if cfg[name] <= 0:
             raise InputError(f"{name} must be positive, got {cfg[name]}: use {flag(name)} N")
     for name, value in cfg.items():

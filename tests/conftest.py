@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny image folder and a tiny trained checkpoint, made once per test session."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # a model small enough to train in seconds on 2 CPU cores
 TINY = ["--image-size", "32", "--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
         "--attn-resolutions", "16", "--num-heads", "2", "--batch-size", "8", "--timesteps", "100",
-        "--sample-steps", "5", "--log-every", "2", "--warmup-steps", "2", "--compile", "false", "--lr", "1e-3",
-        "--train-minutes", "0"]
+        "--sample-steps", "5", "--edit-steps", "5", "--log-every", "2", "--warmup-steps", "2", "--compile", "false",
+        "--lr", "1e-3", "--train-minutes", "0"]
+CACHE = os.environ.get("TEST_RUNS_CACHE")  # mutation testing (docs/testing.md): the fixtures' data and models kept here
 
 
 def run_script(script, *args, timeout=300, **kwargs):
@@ -37,6 +39,30 @@ def write_blobs(folder, n, size=32, seed=0):
     return folder
 
 
+def made_once(tmp_path_factory, name, make):
+    """make(folder) into a new folder; or, where TEST_RUNS_CACHE names a folder, into CACHE/name once, kept across
+    sessions (mutation testing runs the suite once a mutant, and these data and models come from unmutated files)."""
+    if not CACHE:
+        folder = str(tmp_path_factory.mktemp(name))
+        make(folder)
+        return folder
+    folder = os.path.join(CACHE, name)
+    if not os.path.exists(folder + ".done"):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        make(folder)
+        open(folder + ".done", "w").close()
+    return folder
+
+
+def trained(*flags):
+    """make() for made_once: train.py with these flags into the folder."""
+    def make(out):
+        r = run_script("train.py", "--output-dir", out, *flags)
+        assert r.returncode == 0, r.stderr
+    return make
+
+
 def tree_listing():
     """What lies in the repository's top folder, data/ and outputs/ (caches aside)."""
     return {os.path.join(d, f) for d in (".", "data", "outputs") if os.path.isdir(os.path.join(ROOT, d))
@@ -53,16 +79,13 @@ def working_tree_untouched():
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    return write_blobs(str(tmp_path_factory.mktemp("blobs")), 40)
+    return made_once(tmp_path_factory, "blobs", lambda folder: write_blobs(folder, 40))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
     """OUTPUT_DIR of a tiny model trained for 2 epochs on tiny_data."""
-    out = str(tmp_path_factory.mktemp("run"))
-    r = run_script("train.py", "--data-dir", tiny_data, "--output-dir", out, "--epochs", "2", *TINY)
-    assert r.returncode == 0, r.stderr
-    return out
+    return made_once(tmp_path_factory, "run", trained("--data-dir", tiny_data, "--epochs", "2", *TINY))
 
 
 def write_disks(folder, subjects=(6, 2), slices=6, size=16, seed=0):
@@ -85,14 +108,12 @@ def write_disks(folder, subjects=(6, 2), slices=6, size=16, seed=0):
 
 @pytest.fixture(scope="session")
 def disks_data(tmp_path_factory):
-    return write_disks(str(tmp_path_factory.mktemp("disks") / "AD_NC"))
+    return os.path.join(made_once(tmp_path_factory, "disks", lambda f: write_disks(os.path.join(f, "AD_NC"))), "AD_NC")
 
 
 @pytest.fixture(scope="session")
 def conditional_run(disks_data, tmp_path_factory):
     """OUTPUT_DIR of a tiny class+slice-conditional model trained for 2 epochs on disks_data."""
-    out = str(tmp_path_factory.mktemp("conditional"))
-    r = run_script("train.py", "--data-dir", disks_data, "--output-dir", out, "--epochs", "2", "--condition",
-                   "class+slice", *TINY, "--image-size", "16", "--attn-resolutions", "8")
-    assert r.returncode == 0, r.stderr
-    return out
+    return made_once(tmp_path_factory, "conditional", trained("--data-dir", disks_data, "--epochs", "2", "--condition",
+                                                              "class+slice", *TINY, "--image-size", "16",
+                                                              "--attn-resolutions", "8"))

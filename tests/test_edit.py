@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY, made_once, run_script, trained
 
 import dataset
 import demo
@@ -20,18 +20,16 @@ import predict
 @pytest.fixture(scope="module")
 def toy_run(disks_data, tmp_path_factory):
     """A tiny class-conditional model that has learned the disks' classes: white 'AD', grey 'NC' (225 steps)."""
-    out = str(tmp_path_factory.mktemp("toy"))
-    r = run_script("train.py", "--data-dir", disks_data, "--output-dir", out, "--epochs", "25", "--condition", "class",
-                   *TINY, "--image-size", "16", "--attn-resolutions", "8", "--lr", "3e-3", "--timesteps", "50",
-                   "--sample-every", "1000")
-    assert r.returncode == 0, r.stderr
-    return out
+    flags = ("--data-dir", disks_data, "--epochs", "25", "--condition", "class", *TINY, "--image-size", "16",
+             "--attn-resolutions", "8", "--lr", "3e-3", "--timesteps", "50", "--sample-every", "1000")
+    return made_once(tmp_path_factory, "toy", trained(*flags))
 
 
-def toy_sampling(run, steps=20):
+def toy_sampling(run, steps=20, edit_steps=None):
+    """Sampling in `steps`, counterfactuals in `edit_steps` (the same by default)."""
     trained = predict.load_model(os.path.join(run, "checkpoint.pt"), True, torch.device("cpu"))
-    settings = dict(SEED=0, SAMPLER="dpm++sde", SAMPLE_STEPS=steps, DDIM_ETA=0.0, STEP_SPACING=2.0, GUIDANCE=2.0,
-                    AUTOGUIDANCE=1.0, SAMPLE_BATCH=8)
+    settings = dict(SEED=0, SAMPLER="dpm++sde", SAMPLE_STEPS=steps, EDIT_STEPS=edit_steps or steps, DDIM_ETA=0.0,
+                    STEP_SPACING=2.0, GUIDANCE=2.0, AUTOGUIDANCE=1.0, SAMPLE_BATCH=8)
     return predict.Sampling(trained.net, trained.schedule, trained.cfg, settings, torch.device("cpu"),
                             class_names=trained.class_names)
 
@@ -43,11 +41,11 @@ def ad_disks(run):
 
 def test_decoding_under_the_source_returns_the_input(toy_run):
     """The null intervention (inverted and decoded under its own class, unguided) gives the slice back up to the
-    discretisation error, and more exactly with more steps."""
+    discretisation error, and more exactly with more EDIT_STEPS (whatever the sampler's SAMPLE_STEPS)."""
     _, slices = ad_disks(toy_run)
     errors = []
     for steps in (5, 20):
-        _, null = edit.counterfactual(toy_sampling(toy_run, steps), slices.images, slices.labels, None,
+        _, null = edit.counterfactual(toy_sampling(toy_run, 5, edit_steps=steps), slices.images, slices.labels, None,
                                       torch.ones(len(slices.images), dtype=torch.long), 0.6, 2.0)
         errors.append((null - slices.images).abs().mean().item())
     assert errors[1] < errors[0] and errors[1] < 0.03, errors
@@ -69,7 +67,7 @@ def test_a_counterfactual_takes_the_other_class_look_and_keeps_the_shape(toy_run
 
 def test_edit_writes_counterfactuals_and_their_figures(toy_run, tmp_path):
     r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--anomaly",
-                   "--sample-steps", "5")
+                   "--sample-steps", "5", "--edit-steps", "5")
     assert r.returncode == 0, r.stderr
     out = os.path.join(toy_run, "edit")
     figures = json.load(open(os.path.join(out, "counterfactual.json")))
@@ -89,7 +87,7 @@ def test_a_scan_in_gives_a_stack_out(toy_run, tmp_path):
     scan = str(tmp_path / "head.nii.gz")
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), scan)
     r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--input", scan,
-                   "--sample-steps", "5")
+                   "--sample-steps", "5", "--edit-steps", "5")
     assert r.returncode == 0, r.stderr
     stack = nibabel.load(os.path.join(toy_run, "edit", "counterfactual.nii.gz"))
     assert stack.shape == (16, 16, 6)
@@ -130,6 +128,22 @@ def test_the_automatic_mask_finds_where_the_classes_differ(toy_run):
     assert scores["m_map_auroc"] > 0.9, scores
 
 
+def test_the_change_mask_edits_where_the_counterfactual_changes_most(toy_run):
+    """--edit-mask change: the unmasked counterfactual's effect map, thresholded, marks the disk (whose brightness
+    the class changes) and little else (on these disks, which change evenly and fill a large part of the image, the
+    part that changes most: a third of it); decoded again within it, the marked disk turns grey, and outside the mask
+    the slice is the input itself."""
+    _, slices = ad_disks(toy_run)
+    x, disk, ones = slices.images, slices.images > 0, torch.ones(len(slices.images), dtype=torch.long)
+    cf, _, masks, contrast = edit.counterfactuals(toy_sampling(toy_run, 5), slices, slices.labels, None, ones, 0.6,
+                                                  2.0, "change")
+    found = masks == 1
+    assert (found & disk).sum() > 0.75 * found.sum() and (found & disk).sum() > 0.2 * disk.sum(), (found.sum(),
+                                                                                                  disk.sum())
+    assert torch.equal(cf[masks == 0], x[masks == 0]) and cf[found & disk].mean() < (1.0 - 0.06) / 2
+    assert edit_scores.map_scores("m", contrast, disk, torch.ones_like(disk))["m_map_auroc"] > 0.9
+
+
 def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
     """--edit-mask with a mask file (of another size: resized) that is all white edits as --edit-mask none does; an
     automatic mask with nothing to change (a blank slice) says so and writes the input unchanged; the soundness
@@ -143,11 +157,11 @@ def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(given / "blank.png")
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "white.png")
     made = {}
-    for setting in ("none", str(tmp_path / "white.png"), "auto"):
+    for setting in ("none", str(tmp_path / "white.png"), "change", "auto"):
         out = tmp_path / setting.replace("/", "_")
         r = run_script("edit.py", "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--output-dir", out,
                        "--compile", "false", "--to-label", "NC", "--input", given, "--sample-steps", "5",
-                       "--edit-mask", setting)
+                       "--edit-steps", "5", "--edit-mask", setting)
         assert r.returncode == 0, r.stderr
         made[setting] = {n: np.asarray(Image.open(out / "edit" / "edits" / f"{n}_to_NC.png")) for n in ("disk", "blank")}
         figures = json.load(open(out / "edit" / "counterfactual.json"))
@@ -155,6 +169,7 @@ def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
                 "round_trip_change"} <= set(figures)
     assert all(np.array_equal(made["none"][n], made[str(tmp_path / "white.png")][n]) for n in ("disk", "blank"))
     assert "1 of 2 edit masks are empty" in r.stdout and not made["auto"]["blank"].any()
+    assert not made["change"]["blank"].any()
 
 
 # ---------------------------------------------------------------- the scores, on known answers
@@ -234,7 +249,8 @@ def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
     (("--to-label", "NC", "--depth", "0"), "--depth must be in (0, 1]"),
     (("--to-label", "NC", "--depth", "1.5"), "--depth must be in (0, 1]"),
     (("--to-label", "NC", "--edit-mask", "no/such/masks"), "--edit-mask no/such/masks: no such mask file or folder"),
-    (("--anomaly", "--edit-mask", "auto"), "use it with --to-label")])
+    (("--anomaly", "--edit-mask", "auto"), "use it with --to-label"),
+    (("--to-label", "NC", "--label", "AD"), "--label and --slice-position describe --input slices")])
 def test_bad_edits_get_one_line(toy_run, flags, expected):
     r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", *flags)
     assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -257,6 +273,35 @@ def test_edits_need_a_class_model_and_readable_input(tiny_run, toy_run, tmp_path
         assert not os.path.exists(tmp_path / "out" / "edit" / "counterfactual.png")
 
 
+def test_names_give_heights_only_where_they_span_a_stack():
+    """--input files: OASIS-style NAME_slice_K or ADNI-style SUBJECT_K names give heights (the rank of K in the
+    subject's stack) where each subject has NAMED_STACK slices or more; a few slices of a subject, or names without
+    numbers, give none (three slices would otherwise read as bottom, middle and top)."""
+    n = edit.NAMED_STACK
+    oasis = [f"in/case_001_slice_{k}.png" for k in range(10, 10 + 2 * n, 2)]
+    assert torch.allclose(edit.named_heights(oasis[::-1]), torch.linspace(1, 0, n))
+    adni = [f"in/AD/{s}_{k}.png" for s in (7, 8) for k in range(40, 40 + n)]
+    assert torch.allclose(edit.named_heights(adni), torch.linspace(0, 1, n).repeat(2))
+    assert edit.named_heights(oasis[:n - 1]) is None and edit.named_heights(adni[:2 * n - 1]) is None
+    assert edit.named_heights(["in/a.png", "in/b.png"]) is None
+
+
+def test_input_slices_take_the_class_and_heights_given(capsys):
+    """--label names the --input slices' own class and --slice-position their heights (A:B spread over them in
+    order); without them a conditional model is told what it edits with, in a notice."""
+    from types import SimpleNamespace as Given
+    sampling = Given(cfg={"CONDITION": "class+slice"}, labels=[1], positions=(0.2, 0.6))
+    slices = edit.Slices(torch.zeros(5, 1, 8, 8), [str(i) for i in range(5)])
+    edit.given_conditions(slices, sampling, Given(label="NC", slice_position="0.2:0.6"))
+    assert slices.labels.tolist() == [1] * 5 and torch.allclose(slices.positions, torch.linspace(0.2, 0.6, 5))
+    assert capsys.readouterr().out == ""
+    bare = edit.given_conditions(edit.Slices(torch.zeros(2, 1, 8, 8), ["a", "b"]), sampling,
+                                 Given(label=None, slice_position=None))
+    assert bare.labels is None and bare.positions is None
+    said = capsys.readouterr().out
+    assert "heights of the --input slices are not known" in said and "class of the --input slices" in said
+
+
 def test_healthy_names_the_control_class_whatever_it_is_called():
     assert edit.target_class("healthy", ["AD", "CN", "MCI"]) == 1
     assert edit.target_class("healthy", ["tumour", "normal"]) == 1
@@ -275,7 +320,7 @@ def test_a_second_edit_replaces_the_first_runs_set(toy_run, tmp_path, disks_data
     (soundness only): the JSON and the pictures describe the second run alone."""
     out = tmp_path / "out"
     common = ["--output-dir", str(out), "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--compile", "false",
-              "--sample-steps", "3", "--to-label", "NC"]
+              "--sample-steps", "3", "--edit-steps", "3", "--to-label", "NC"]
     assert run_script("edit.py", *common).returncode == 0
     assert (out / "edit" / "counterfactual.json").exists() and len(os.listdir(out / "edit" / "edits")) == 24
     mine = tmp_path / "mine"

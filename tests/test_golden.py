@@ -9,7 +9,7 @@ import golden_run
 from conftest import ROOT, run_script
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "outputs.npz")
-COMMON = ["--sample-steps", "5", "--num-samples", "6", "--sample-batch", "4"]
+COMMON = ["--sample-steps", "5", "--edit-steps", "5", "--num-samples", "6", "--sample-batch", "4"]
 
 
 @pytest.fixture(scope="module")
