@@ -32,7 +32,7 @@ DEPTH = 1.0  # counterfactuals: the share of T the slices are inverted to (--dep
 ANOMALY_DEPTH = 0.7  # effect maps (--anomaly): the share of T the slices are noised to (--depth; docs/editing.md)
 ANOMALY_SEEDS = 2  # effect maps (--anomaly): noise draws whose reconstructions are averaged
 MAP_BLUR = 1.0  # effect maps: the Gaussian smoothing of |input - reconstruction|, in pixels (sigma)
-EDIT_MASK = "none"  # counterfactuals (--edit-mask): where they may change the slice: none, change, auto or masks
+EDIT_MASK = "change"  # counterfactuals (--edit-mask): where they may change the slice: none, change, auto or masks
 MASK_NOISINGS = 10  # --edit-mask auto (DiffEdit): noisings of the slice over which the class contrast is averaged
 MASK_DEPTH = 0.5  # --edit-mask auto: the share of T those noisings reach
 MASK_CLAMP = 3.0  # --edit-mask auto, change: the map is clamped at this multiple of its mean, rescaled to [0, 1]
@@ -496,7 +496,7 @@ def edit_slices(sampling: Sampling, args, out):
     data = load_heldout(sampling) if args.input is None else None
     slices = (given_conditions(given_slices(args.input, sampling.cfg["IMAGE_SIZE"]), sampling, args) if args.input
               else heldout_slices(data, target, EDIT_SLICES))
-    guidance = sampling.settings["GUIDANCE"]
+    guidance = sampling.settings["EDIT_GUIDANCE"]
     mask_setting = EDIT_MASK if args.edit_mask is None else args.edit_mask
     print(f"editing {len(slices.images)} slices" + (f" into {sampling.class_names[target]} (depth {depth:g}, "
                                                     f"guidance {guidance:g}, edit mask {mask_setting})"

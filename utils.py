@@ -70,6 +70,7 @@ MAX_NONFINITE = 20  # non-finite losses in a row that stop training
 SAMPLER = "dpm++sde"  # 'ddpm' (all T steps) | 'ddim' | 'dpm++' (ODE) | 'dpm++sde' (as varied as ddpm in 50 steps)
 SAMPLE_STEPS = 50  # steps of ddim and dpm++(sde): 50 draw as well as 100, 25 less varied (docs/quality.md)
 EDIT_STEPS = 100  # edit.py's counterfactuals: DDIM steps of their inversion and decoding (docs/editing.md)
+EDIT_GUIDANCE = 3.0  # edit.py's counterfactuals: classifier-free guidance toward the asked class (docs/editing.md)
 STEP_SPACING = 2.0  # ddim/dpm++(sde) timesteps t_i = T * (1 - i/n) ** STEP_SPACING: 1 even in t, 2 denser near the image
 DDIM_ETA = 0.0  # ddim noise: 0 deterministic, 1 like ddpm
 NUM_SAMPLES = 64  # images predict.py generates

@@ -4,6 +4,7 @@ per cell appended to ROWS. The model and the slices are loaded once; flags befor
 (NULL_CYCLES null cycles) depends on the depth alone: it is measured in the first cell of each depth, once after.
 
     python docs/edit_table.py ROWS.jsonl --output-dir outputs --edit-steps 100 -- 1.0,2,none 1.0,3,change@0.7
+    python docs/edit_table.py --summary seed0.jsonl seed1.jsonl seed2.jsonl    # the table: mean (min-max) by cell
 """
 import json
 import os
@@ -19,7 +20,43 @@ from predict import load_heldout, open_checkpoint  # noqa: E402
 NULL_CYCLES, CHANGE_THRESHOLD = edit.NULL_CYCLES, edit.CHANGE_THRESHOLD
 
 
+COLUMNS = {  # the summary's columns: (heading, figure, reference figure or None)
+    "probe reads NC": ("effectiveness", None),
+    "to twin, in mask (input)": ("cf_to_twin_in_mask", "input_to_twin_in_mask"),
+    "change outside (null)": ("cf_change_outside_mask", "null_change_outside_mask"),
+    "brain area (twin)": ("cf_brain_area_change", "twin_brain_area_change"),
+    "local: change outside (null)": ("local_cf_change_outside_mask", "local_null_change_outside_mask"),
+    "round trip (null)": ("round_trip_change", "null_change"),
+    "10 null cycles (one), first 8": ("null_10_cycles_change_first_8", "null_change_first_8"),
+    "NC stays (null)": ("stay_change", "stay_null_change"),
+}
+
+
+def summary(paths):
+    """A markdown table of the rows in paths: each figure's mean over the files (training seeds) with its range."""
+    cells = {}
+    for path in paths:
+        for line in open(path):
+            row = json.loads(line)
+            cells.setdefault((row["cell"], row["edit_steps"]), []).append(row)
+    print("| cell (depth, guidance, mask), edit steps | seeds | " + " | ".join(COLUMNS) + " |")
+    print("| --- " * (len(COLUMNS) + 2) + "|")
+    for (cell, steps), rows in cells.items():
+        shown = []
+        for figure, reference in COLUMNS.values():
+            measured = [r for r in rows if figure in r]  # composition: in a depth's first cell only
+            values = [r[figure] for r in measured]
+            text = "" if not values else f"{sum(values) / len(values):.3f}" + (
+                f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+            if reference and values:
+                text += f" [{sum(r[reference] for r in measured) / len(measured):.3f}]"
+            shown.append(text)
+        print(f"| {cell}, {steps} | {len(rows)} | " + " | ".join(shown) + " |")
+
+
 def main():
+    if sys.argv[1] == "--summary":
+        return summary(sys.argv[2:])
     rows, argv = sys.argv[1], sys.argv[2:]
     flags, cells = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     settings, args = edit.parse_settings([*flags, "--to-label", "healthy"])

@@ -21,7 +21,8 @@ def golden_inputs(tmp_path_factory):
 
 @pytest.mark.parametrize("name,script,args", [
     ("predict", "predict.py", ["--no-metrics", "--slice-sweep", "3"]),
-    ("counterfactual", "edit.py", ["--to-label", "NC", "--input", "GIVEN", "--anomaly"]),
+    ("counterfactual", "edit.py", ["--to-label", "NC", "--input", "GIVEN", "--anomaly", "--edit-guidance", "2",
+                                   "--edit-mask", "none"]),  # the defaults before issue 36's measurements
     ("inpaint", "edit.py", ["--input", "GIVEN", "--mask", "box:0.2,0.2,0.6,0.6", "--resample", "2", "--jump", "2"])])
 def test_outputs_are_pixel_identical_to_the_golden_run(golden_inputs, name, script, args):
     tmp, data, given, checkpoint = golden_inputs
