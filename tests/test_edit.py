@@ -322,7 +322,7 @@ def test_a_second_edit_replaces_the_first_runs_set(toy_run, tmp_path, disks_data
     common = ["--output-dir", str(out), "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--compile", "false",
               "--sample-steps", "3", "--edit-steps", "3", "--to-label", "NC"]
     assert run_script("edit.py", *common).returncode == 0
-    assert (out / "edit" / "counterfactual.json").exists() and len(os.listdir(out / "edit" / "edits")) == 24
+    assert (out / "edit" / "counterfactual.json").exists() and len(os.listdir(out / "edit" / "edits")) == 36
     mine = tmp_path / "mine"
     mine.mkdir()
     first = sorted(os.listdir(os.path.join(disks_data, "test", "AD")))[0]
@@ -330,4 +330,4 @@ def test_a_second_edit_replaces_the_first_runs_set(toy_run, tmp_path, disks_data
     assert run_script("edit.py", *common, "--input", str(mine)).returncode == 0
     figures = json.load(open(out / "edit" / "counterfactual.json"))
     assert figures["slices"] == 1 and "effectiveness" not in figures
-    assert sorted(os.listdir(out / "edit" / "edits")) == [f"{first[:-4]}_to_NC.png", f"{first[:-4]}_to_NC_map.png"]
+    assert sorted(os.listdir(out / "edit" / "edits")) == [f"{first[:-4]}_to_NC{end}.png" for end in ("", "_map", "_mask")]
