@@ -87,10 +87,32 @@ def test_a_scan_in_gives_a_stack_out(toy_run, tmp_path):
     scan = str(tmp_path / "head.nii.gz")
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), scan)
     r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", "--to-label", "NC", "--input", scan,
-                   "--sample-steps", "5", "--edit-steps", "5")
+                   "--sample-steps", "5", "--edit-steps", "5", "--anomaly")
     assert r.returncode == 0, r.stderr
     stack = nibabel.load(os.path.join(toy_run, "edit", "counterfactual.nii.gz"))
     assert stack.shape == (16, 16, 6)
+    from PIL import Image  # the effect maps' stack holds the values of their PNGs
+    effects = nibabel.load(os.path.join(toy_run, "edit", "effect_map.nii.gz")).get_fdata()
+    pngs = [np.asarray(Image.open(os.path.join(toy_run, "edit", "edits", f"slice_{k:03d}_effect.png"))) for k in range(6)]
+    assert effects.shape == (16, 16, 6) and np.array_equal(np.sort(effects.ravel()), np.sort(np.ravel(pngs)))
+
+
+def test_the_figures_against_a_known_truth(toy_run, tmp_path):
+    """With a truth beside the slices (as the labelled demo writes): each 'AD' disk's twin the grey 'NC' disk of the
+    same size, its mask the disk's left half. The counterfactuals come closer to the twin inside the mask than the
+    inputs are; unmasked, they also change the right half, far more than the null intervention does; the effect maps
+    and the height's mean NC slice are scored; the twin's area change is nil; each figure for both truths."""
+    data, slices = ad_disks(toy_run)
+    disk = slices.images > 0
+    slices.twins = slices.local_twins = torch.where(disk, torch.full_like(slices.images, -0.06), slices.images)
+    slices.masks = slices.local_masks = disk & (torch.arange(16) < 8)
+    figures = edit.edit_and_score(toy_sampling(toy_run, 5), slices, 1, 0.6, 2.0, None, data, str(tmp_path), "none")
+    for truth in ("", "local_"):
+        assert figures[f"{truth}cf_to_twin_in_mask"] < 0.6 * figures[f"{truth}input_to_twin_in_mask"], figures
+        assert figures[f"{truth}cf_change_outside_mask"] > 3 * figures[f"{truth}null_change_outside_mask"]
+        assert 0.4 < figures[f"{truth}mask_share_of_brain"] < 0.6
+        assert {f"{truth}counterfactual_map_auroc", f"{truth}baseline_map_auprc"} <= set(figures)
+    assert figures["twin_brain_area_change"] == 0 and "cf_brain_area_change" in figures
 
 
 # ---------------------------------------------------------------- edit masks (DiffEdit)
@@ -146,8 +168,8 @@ def test_the_change_mask_edits_where_the_counterfactual_changes_most(toy_run):
 
 def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
     """--edit-mask with a mask file (of another size: resized) that is all white edits as --edit-mask none does; an
-    automatic mask with nothing to change (a blank slice) says so and writes the input unchanged; the soundness
-    figures come for a user's slices too."""
+    automatic mask with nothing to change (a blank slice) says so and writes the input unchanged; the picture shows
+    the masks; the soundness figures come for a user's slices too."""
     from PIL import Image
     given = tmp_path / "given"
     given.mkdir()
@@ -156,7 +178,7 @@ def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
     Image.fromarray(disk).save(given / "disk.png")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(given / "blank.png")
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "white.png")
-    made = {}
+    made, widths = {}, {}
     for setting in ("none", str(tmp_path / "white.png"), "change", "auto"):
         out = tmp_path / setting.replace("/", "_")
         r = run_script("edit.py", "--checkpoint", os.path.join(toy_run, "checkpoint.pt"), "--output-dir", out,
@@ -164,12 +186,14 @@ def test_edit_masks_from_files_and_empty_ones(toy_run, disks_data, tmp_path):
                        "--edit-steps", "5", "--edit-mask", setting)
         assert r.returncode == 0, r.stderr
         made[setting] = {n: np.asarray(Image.open(out / "edit" / "edits" / f"{n}_to_NC.png")) for n in ("disk", "blank")}
+        widths[setting] = Image.open(out / "edit" / "counterfactual.png").width
         figures = json.load(open(out / "edit" / "counterfactual.json"))
         assert {"null_change", f"null_{edit.NULL_CYCLES}_cycles_change_first_{edit.CYCLED_SLICES}",
                 "round_trip_change"} <= set(figures)
     assert all(np.array_equal(made["none"][n], made[str(tmp_path / "white.png")][n]) for n in ("disk", "blank"))
     assert "1 of 2 edit masks are empty" in r.stdout and not made["auto"]["blank"].any()
     assert not made["change"]["blank"].any()
+    assert widths["change"] == widths["auto"] > widths["none"]  # the picture shows the edit mask in a column
 
 
 # ---------------------------------------------------------------- the scores, on known answers
