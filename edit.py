@@ -185,6 +185,18 @@ def counterfactual(sampling, x, sources, positions, targets, depth, guidance, ed
             decoded(sampling, latent, end, sampling.plain(sources, positions)))
 
 
+def changed_counterfactual(sampling, x, sources, positions, targets, depth, guidance):
+    """--edit-mask change: x inverted once, decoded under the targets unmasked, then again within change_mask of that
+    first answer (DiffEdit's masked decoding along the same inversion). Returns (counterfactuals, null
+    reconstructions, the feathered masks, the map they were thresholded from)."""
+    latent, path, end = inverted(sampling, x, sources, positions, depth)
+    asked = sampling.plain(targets, positions, guidance)
+    contrast, found = change_mask(x.cpu(), decoded(sampling, latent, end, asked))
+    masks = feathered(found)
+    return (decoded(sampling, latent, end, asked, path=path, edit=masks.to(sampling.device)),
+            decoded(sampling, latent, end, sampling.plain(sources, positions)), masks, contrast)
+
+
 def null_cycles(sampling, x, sources, positions, depth, cycles):
     """Composition (Monteiro et al. 2023): the null intervention (inverted and decoded under the own class) applied
     `cycles` times."""
@@ -334,18 +346,16 @@ def edit_and_score(sampling, slices, target, depth, guidance, anomaly_depth, dat
 
 
 def counterfactuals(sampling, slices, sources, positions, targets, depth, guidance, mask_setting):
-    """counterfactual() of every slice, in batches, changed where mask_setting says ('change': decoded unmasked,
-    then again within change_mask): (counterfactuals, null reconstructions, the feathered edit masks or None, the
-    map the masks were thresholded from or None)."""
-    masks, contrast = edit_masks(sampling, mask_setting, slices, sources, positions, targets)
-    edited = lambda m: utils.in_batches(  # noqa: E731
-        lambda x, s, p, t, m: counterfactual(sampling, x, s, p, t, depth, guidance, m), sampling.settings[
-            "SAMPLE_BATCH"], slices.images, sources, positions, targets, m)
-    cf, null = edited(masks)
+    """counterfactual() of every slice, in batches, changed where mask_setting says (changed_counterfactual for
+    'change'): (counterfactuals, null reconstructions, the feathered edit masks or None, the map the masks were
+    thresholded from or None)."""
+    batch = sampling.settings["SAMPLE_BATCH"]
     if mask_setting == "change":
-        contrast, found = change_mask(slices.images, cf)
-        masks = feathered(found)
-        cf = edited(masks)[0]
+        return utils.in_batches(lambda *b: changed_counterfactual(sampling, *b, depth, guidance), batch,
+                                slices.images, sources, positions, targets)
+    masks, contrast = edit_masks(sampling, mask_setting, slices, sources, positions, targets)
+    cf, null = utils.in_batches(lambda x, s, p, t, m: counterfactual(sampling, x, s, p, t, depth, guidance, m),
+                                batch, slices.images, sources, positions, targets, masks)
     return cf, null, masks, contrast
 
 
