@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import utils
 
 SLICE_SCALE = 30  # slice positions in [0, 1] are embedded like timesteps in [0, 30]: at most 5 cycles, smooth between slices
+COVARIATE_SCALE = 30  # covariates, scaled to [0, 1] over their training range, are embedded like slice positions
 
 
 def groups(ch):
@@ -81,17 +82,18 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """eps/v/x0 predictor: `UNet(...)(x_t, t)` keeps the input's shape.
 
-    `num_classes` adds a class embedding and `slice_positions` a sinusoidal embedding of the slice position in
-    [0, 1]; both are added to the time embedding. Call `model(x_t, t, labels, positions)`: a class index of -1, a
-    position of NaN, or None for all, means 'not given' (a learned entry of its own, which classifier-free guidance
-    uses). The sizes must suit the U-Net (utils.check_config says which do).
+    `num_classes` adds a class embedding, `slice_positions` a sinusoidal embedding of the slice position in [0, 1],
+    and `covariates` K more such embeddings, one per numeric covariate (age, sex, ...) scaled to [0, 1]; all are
+    added to the time embedding. Call `model(x_t, t, labels, positions, covariates)` (covariates N x K): a class
+    index of -1, a position or covariate of NaN, or None for all, means 'not given' (a learned entry of its own,
+    which classifier-free guidance uses). The sizes must suit the U-Net (utils.check_config says which do).
     `patch_size` p folds each p x p block of pixels into channels on the way in and back on the way out, so the
     U-Net runs at 1/p of the image's side.
     """
 
     def __init__(self, image_size=128, channels=1, base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attn_resolutions=(16,), num_heads=4, dropout=0.0, num_classes=0, slice_positions=False,
-                 patch_size=1):
+                 patch_size=1, covariates=0):
         super().__init__()
         sizes = [image_size // patch_size // 2 ** i for i in range(len(channel_mult))]
         self.base_channels, self.num_classes, self.patch_size = base_channels, num_classes, patch_size
@@ -101,11 +103,17 @@ class UNet(nn.Module):
         self.slice_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
                                        nn.Linear(emb_dim, emb_dim)) if slice_positions else None
         self.no_slice = nn.Parameter(torch.zeros(emb_dim)) if slice_positions else None
+        self.covariate_mlps = nn.ModuleList(nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
+                                                          nn.Linear(emb_dim, emb_dim)) for _ in range(covariates))
+        self.no_covariate = nn.Parameter(torch.zeros(covariates, emb_dim))
         if num_classes:
             nn.init.zeros_(self.label_emb.weight)  # conditions start as no-ops and are learned from there
         if slice_positions:
             nn.init.zeros_(self.slice_mlp[-1].weight)
             nn.init.zeros_(self.slice_mlp[-1].bias)
+        for mlp in self.covariate_mlps:
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
         self.stem = nn.Conv2d(channels * patch_size ** 2, base_channels, 3, padding=1)
 
         self.down, skips, ch = nn.ModuleList(), [base_channels], base_channels
@@ -134,7 +142,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t, labels=None, positions=None):
+    def forward(self, x, t, labels=None, positions=None, covariates=None):
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
             labels = torch.full_like(t, -1) if labels is None else labels
@@ -143,6 +151,13 @@ class UNet(nn.Module):
             positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
             given = self.slice_mlp(timestep_embedding(SLICE_SCALE * positions.nan_to_num(), self.base_channels))
             emb = emb + torch.where(positions.isnan()[:, None], self.no_slice.to(given.dtype), given)
+        if len(self.covariate_mlps):
+            covariates = torch.full((len(t), len(self.covariate_mlps)), math.nan, device=t.device) \
+                if covariates is None else covariates
+            for j, mlp in enumerate(self.covariate_mlps):
+                value = covariates[:, j]
+                given = mlp(timestep_embedding(COVARIATE_SCALE * value.nan_to_num(), self.base_channels))
+                emb = emb + torch.where(value.isnan()[:, None], self.no_covariate[j].to(given.dtype), given)
         h = self.stem(F.pixel_unshuffle(x, self.patch_size))
         hs = [h]
         for layer in self.down:
@@ -159,7 +174,7 @@ def build_model(cfg, num_classes=0):
     """The U-Net described by a configuration dict (the constants of utils.py) and the number of classes."""
     return UNet(cfg["IMAGE_SIZE"], cfg["CHANNELS"], cfg["BASE_CHANNELS"], tuple(cfg["CHANNEL_MULT"]),
                 cfg["NUM_RES_BLOCKS"], tuple(cfg["ATTN_RESOLUTIONS"]), cfg["NUM_HEADS"], cfg["DROPOUT"], num_classes,
-                utils.conditions_of(cfg)[1], cfg["PATCH_SIZE"])
+                utils.conditions_of(cfg)[1], cfg["PATCH_SIZE"], len(utils.covariates_of(cfg)))
 
 
 def load_network(cfg, num_classes, weights, device, bf16):
@@ -170,31 +185,39 @@ def load_network(cfg, num_classes, weights, device, bf16):
     return model.to(device, memory_format=utils.memory_format(bf16, device)).eval().requires_grad_(False)
 
 
-def call(model, x, t, labels, positions):
-    """model(x, t, labels, positions) as torch.compile serves it best (the same for an eager model): conditions not
+def call(model, x, t, labels, positions, covariates=None):
+    """model(x, t, labels, positions, covariates) as torch.compile serves it best (the same for an eager model): conditions not
     given passed as their 'not given' values (-1, NaN) rather than None, and the batch dimension of every input marked
     dynamic, so that one graph serves every call a sampler makes (classifier-free guidance's doubled batch, the last
     partial batch, slices denoised without their conditions) where each change would otherwise compile another."""
     labels = torch.full_like(t, -1) if labels is None else labels
     positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
-    for v in (x, t, labels, positions):
+    for v in (x, t, labels, positions) + (() if covariates is None else (covariates,)):
         torch._dynamo.maybe_mark_dynamic(v, 0)
-    return model(x, t, labels, positions)
+    return model(x, t, labels, positions, covariates)
 
 
-def guided_output(model, x, t, labels=None, positions=None, scale=1.0, class_only=False):
+GUIDED = ("all", "class", "covariates", "class+covariates")  # guided_output: what guidance drops on its other side
+
+
+def guided_output(model, x, t, labels=None, positions=None, scale=1.0, guided="all", covariates=None):
     """The model's output under classifier-free guidance (Ho & Salimans 2022), uncond + scale * (cond - uncond), the
-    pair in one batched call; scale 0 is the unconditional model, 1 the conditional one. Conditions as for UNet; with
-    class_only the unconditional side keeps the positions, so that only the class is guided."""
-    kept = positions if class_only else None
+    pair in one batched call; scale 0 is the unconditional model, 1 the conditional one. Conditions as for UNet; the
+    unconditional side drops the conditions `guided` names (GUIDED: all of them, the class alone, the covariates
+    alone, or both but the height), so that only those are guided."""
+    drop = {"labels": guided in ("all", "class", "class+covariates"), "positions": guided == "all",
+            "covariates": guided in ("all", "covariates", "class+covariates")}
+    given = {"labels": labels, "positions": positions, "covariates": covariates}
+    unguided = {k: None if drop[k] else v for k, v in given.items()}
     if scale == 0:
-        return call(model, x, t, None, kept).float()
-    if scale == 1 or (labels is None and (positions is None or class_only)):
-        return call(model, x, t, labels, positions).float()
-    pair_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, -1)])
-    pair_positions = None if positions is None else torch.cat(
-        [positions, positions if class_only else torch.full_like(positions, math.nan)])
-    cond, uncond = call(model, torch.cat([x, x]), torch.cat([t, t]), pair_labels, pair_positions).float().chunk(2)
+        return call(model, x, t, unguided["labels"], unguided["positions"], unguided["covariates"]).float()
+    if scale == 1 or all(given[k] is None for k in given if drop[k]):
+        return call(model, x, t, labels, positions, covariates).float()
+    not_given = {"labels": lambda c: torch.full_like(c, -1), "positions": lambda c: torch.full_like(c, math.nan),
+                 "covariates": lambda c: torch.full_like(c, math.nan)}
+    pair = {k: None if v is None else torch.cat([v, not_given[k](v) if drop[k] else v]) for k, v in given.items()}
+    cond, uncond = call(model, torch.cat([x, x]), torch.cat([t, t]), pair["labels"], pair["positions"],
+                        pair["covariates"]).float().chunk(2)
     return uncond + scale * (cond - uncond)
 
 
@@ -205,23 +228,26 @@ class Denoiser:
     more of (in the quick profile: speckle in the white matter)."""
 
     def __init__(self, model, labels=None, positions=None, guidance=1.0, guide=None, autoguidance=1.0, bf16=False,
-                 class_only=False):
+                 guided="all", covariates=None):
         self.model, self.labels, self.positions, self.guidance = model, labels, positions, guidance
-        self.guide, self.autoguidance, self.bf16, self.class_only = guide, autoguidance, bf16, class_only
+        self.guide, self.autoguidance, self.bf16, self.guided = guide, autoguidance, bf16, guided
+        self.covariates = covariates
 
     def __call__(self, x, t):
         x = x.contiguous(memory_format=utils.memory_format(self.bf16, x.device))
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = guided_output(self.model, x, t, self.labels, self.positions, self.guidance, self.class_only)
+            conditions = (self.labels, self.positions, self.guidance, self.guided, self.covariates)
+            out = guided_output(self.model, x, t, *conditions)
             if self.guide is None or self.autoguidance == 1:
                 return out
-            weak = guided_output(self.guide, x, t, self.labels, self.positions, self.guidance, self.class_only)
+            weak = guided_output(self.guide, x, t, *conditions)
             return weak + self.autoguidance * (out - weak)
 
 
 class Probe(nn.Module):
     """A small CNN that reads a slice (any size, resized to `size`): its features, and from them class logits,
-    the slice position, and which of four quarter turns the slice was given (a task that needs no labels)."""
+    the slice position, and which of four quarter turns the slice was given (a task that needs no labels); and from
+    the features, `age` reads the age (scaled as its trainer scales it)."""
 
     def __init__(self, num_classes=0, size=64, widths=(16, 32, 64, 128)):
         super().__init__()
@@ -234,6 +260,7 @@ class Probe(nn.Module):
         self.classes = nn.Linear(ch, num_classes) if num_classes else None
         self.position = nn.Linear(ch, 1)
         self.turn = nn.Linear(ch, 4)
+        self.age = nn.Linear(ch, 1)
 
     def features(self, x):
         if x.shape[-1] != self.size:

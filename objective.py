@@ -18,9 +18,10 @@ def training_timesteps(cfg, n, gen, device):
     return torch.searchsorted(levels, ratio).clamp(max=cfg["TIMESTEPS"] - 1)
 
 
-def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, positions=None):
-    """This rank's share of a global batch: x0 in [-1, 1], t, noise, and cond = (class labels, slice positions),
-    each condition dropped on its own with chance COND_DROP (to -1 and NaN: 'not given'), None where not given.
+def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, positions=None, covariates=None):
+    """This rank's share of a global batch: x0 in [-1, 1], t, noise, and cond = (class labels, slice positions,
+    covariates N x K), each condition (each covariate too) dropped on its own with chance COND_DROP (to -1 and NaN:
+    'not given'), None where not given.
 
     Every rank draws the whole global batch's random numbers, so any world size sees the same ones.
     """
@@ -36,12 +37,15 @@ def make_batch(images, idx, gen, cfg, rank, world, device, labels=None, position
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     labels = None if labels is None else torch.where(drop_class, -1, labels[idx[mine]])
     positions = None if positions is None else torch.where(drop_slice, torch.nan, positions[idx[mine]])
-    return x0, t, noise.contiguous(memory_format=layout), (labels, positions)
+    if covariates is not None:
+        drop = torch.rand(n, covariates.shape[1], generator=gen, device=device)[mine] < cfg["COND_DROP"]
+        covariates = torch.where(drop, torch.nan, covariates[idx[mine]])
+    return x0, t, noise.contiguous(memory_format=layout), (labels, positions, covariates)
 
 
 def batch_loss(model, schedule, x0, t, noise, cond, cfg, bf16):
     """Per-image min-SNR-weighted MSE of the network's prediction (under bf16 autocast if asked); cond = (class
-    labels, slice positions), either None where the model has no such condition."""
+    labels, slice positions, covariates), each None where the model has no such condition."""
     x_t = schedule.q_sample(x0, t, noise)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x_t, t, *cond)

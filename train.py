@@ -148,6 +148,8 @@ class Run:
     classes: list  # the class names, when the model is class-conditional
     labels: torch.Tensor | None  # the training split's class labels, when the model is class-conditional
     positions: torch.Tensor | None  # its slice positions, when the model is slice-conditional
+    covariates: torch.Tensor | None  # its covariates (N x K, NaN: not in the table), scaled to [0, 1], when asked
+    covariate_ranges: list  # each covariate's (lowest, highest) training value: what the scaling maps to 0 and 1
     batch: int  # per process
     steps_per_epoch: int
     schedule: utils.NoiseSchedule
@@ -239,6 +241,7 @@ def build_run(cfg, data, rank, world, device):
     """Model, EMA, optimizer, schedule and batch plan for this data on this device."""
     by_class, by_slice = utils.conditions_of(cfg)  # dataset.load_data made sure the data has what these need
     classes = data.classes if by_class else []
+    ranges = utils.covariate_ranges(data.train_covariates) if utils.covariates_of(cfg) else []
     images = utils.to_device_if_fits(data.train, device)
     batch = cfg["BATCH_SIZE"]
     if len(images) < batch * world:
@@ -253,7 +256,9 @@ def build_run(cfg, data, rank, world, device):
     return Run(
         cfg=cfg, rank=rank, world=world, device=device, data=data, images=images,
         classes=classes, labels=data.train_labels.to(device) if by_class else None,
-        positions=data.train_positions.to(device) if by_slice else None, batch=batch,
+        positions=data.train_positions.to(device) if by_slice else None,
+        covariates=utils.scaled_covariates(data.train_covariates, ranges).to(device) if ranges else None,
+        covariate_ranges=ranges, batch=batch,
         steps_per_epoch=len(images) // (batch * world),
         schedule=utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"]), model=model,
         ema=make_ema(model, cfg),
@@ -351,7 +356,8 @@ def save(run, progress):
     state = {"model": run.model.state_dict(), "ema": run.ema.module.state_dict(), "config": run.cfg,
              "step": progress.step, "epoch": progress.step // max(1, run.steps_per_epoch),
              "best_val": progress.best_val, "history": progress.history, "fingerprint": run.data.fingerprint,
-             "classes": run.classes, "noise_rng": run.noise_gen.get_state(),
+             "classes": run.classes, "covariates": dict(zip(utils.covariates_of(run.cfg), run.covariate_ranges)),
+             "noise_rng": run.noise_gen.get_state(),
              "cpu_rng": torch.get_rng_state(), "optimizer": run.optimizer.state_dict(),
              "elapsed_s": progress.elapsed(), "plan": progress.plan and asdict(progress.plan),
              "guide": progress.snapshot}
@@ -449,7 +455,8 @@ def validate(run, progress):
     """Rank 0: validation loss, the best EMA kept in memory, a log row and a line; returns its seconds."""
     cfg, epoch, started = run.cfg, math.ceil(progress.step / run.steps_per_epoch), now()
     val_cond = (run.data.val_labels if run.labels is not None else None,
-                run.data.val_positions if run.positions is not None else None)
+                run.data.val_positions if run.positions is not None else None,
+                utils.scaled_covariates(run.data.val_covariates, run.covariate_ranges) if run.covariate_ranges else None)
     val = validation_loss(run.ema.module, run.schedule, run.data.val, val_cond, cfg, run.device, run.bf16)
     progress.window_start += now() - started  # keep img/s a training figure
     row = log_row(run, progress, val)
@@ -543,7 +550,7 @@ def train(cfg, fresh):
             # -- one optimizer step, and the EMA
             x0, t, noise, cond = objective.make_batch(run.images, order[i * global_batch:(i + 1) * global_batch],
                                             run.noise_gen, cfg, run.rank, run.world, run.device, run.labels,
-                                            run.positions)
+                                            run.positions, run.covariates)
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step, progress.total())
             loss, bad = train_step(run.net, run.model, run.optimizer, run.schedule, x0, t, noise, cond, cfg,

@@ -24,6 +24,7 @@ CONDITION = "none"  # what generation can be asked for: 'none' | 'class' (e.g. A
 LABELS = ""  # a CSV or TSV of labels for the classes (ADNI, OASIS-1, BIDS participants.tsv), instead of class folders
 LABEL_COLUMN = ""  # LABELS: its label column (default: the first of Group, DX, DX_bl, diagnosis, group, CDR)
 ID_COLUMN = ""  # LABELS: its id column (default: Image Data ID, Subject, PTID, ID, participant_id, all that are there)
+COVARIATES = ""  # table columns generation is also conditioned on, comma-separated (e.g. age or age,sex,MMSE)
 LABEL_MAP = ""  # LABELS: values to classes, e.g. CN=NC,SMC=NC,EMCI=MCI,LMCI=MCI,Dementia=AD (others: unlabelled)
 BIDS_SUFFIX = "T1w"  # a BIDS dataset (dataset_description.json): the anat scans read, *_T1w.nii[.gz]
 # Network
@@ -42,7 +43,7 @@ MIN_SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (0 turns it off: a plain MSE
 TIMESTEP_SAMPLING = "uniform"  # training timesteps: 'uniform' | 'logit-normal' (mid levels often, as SD3) | 'edm' (low)
 EDM_MEAN = -1.2  # 'edm' (Karras et al. 2022): mean of ln of the noise-to-signal ratio sqrt((1 - abar) / abar)
 EDM_STD = 1.2  # 'edm': spread of that logarithm
-COND_DROP = 0.1  # CONDITION: chance that training drops each condition (class, slice) on its own, for guidance
+COND_DROP = 0.1  # CONDITION, COVARIATES: chance that training drops each condition on its own, for guidance
 GUIDANCE = 2.0  # CONDITION: classifier-free guidance scale (0 unconditional, 1 conditional, >1 more so)
 AUTOGUIDANCE = 1.25  # sampling: early + w (model - early), steering away from an early snapshot's errors (1: off)
 GUIDE_AT = 0.25  # AUTOGUIDANCE: the share of training done when the EMA is copied as that early snapshot
@@ -229,6 +230,23 @@ def unet_resolutions(cfg):
 def conditions_of(cfg):
     """(class-conditional, slice-conditional) for a configuration."""
     return "class" in cfg["CONDITION"], "slice" in cfg["CONDITION"]
+
+
+def covariates_of(cfg):
+    """The covariates (table columns) a configuration conditions on, in order; [] for none."""
+    return [c.strip() for c in cfg.get("COVARIATES", "").split(",") if c.strip()]
+
+
+def covariate_ranges(values):
+    """Each column's (lowest, highest) value given (NaN: not given), from N x K covariates."""
+    return [(column[~column.isnan()].min().item(), column[~column.isnan()].max().item()) for column in values.T]
+
+
+def scaled_covariates(values, ranges):
+    """Covariate values (N x K, NaN: not given) as the model takes them: each scaled to [0, 1] over its training range
+    (lo, hi); a constant covariate is 0.5."""
+    lo, hi = (torch.tensor([r[i] for r in ranges], dtype=torch.float32) for i in (0, 1))
+    return ((values.float() - lo) / (hi - lo)).where(hi > lo, 0.5 + 0 * values.float())
 
 
 def spread_conditions(n, classes, positions=(0.0, 1.0)):

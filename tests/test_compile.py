@@ -94,7 +94,7 @@ def inference(networks, conditions, schedule, kind, n):
     gen = torch.Generator(device=device).manual_seed(2)
     sample = schedule.sample(Denoiser(model, labels, positions, 2.0, guide, 1.25), (n, 1, 16, 16), "dpm++sde", 5,
                              generator=gen, device=device)
-    inverted = schedule.invert(Denoiser(model, labels, positions, 2.0, class_only=True), sample, 60, 5)
+    inverted = schedule.invert(Denoiser(model, labels, positions, 2.0, guided="class"), sample, 60, 5)
     fill = torch.zeros_like(sample, dtype=torch.bool)
     fill[..., 8:] = True
     filled = schedule.inpaint(Denoiser(model, None, positions, 1.0, guide, 1.25), sample, fill, "ddim", 5,

@@ -209,17 +209,21 @@ def test_edm_timesteps_put_ln_sigma_on_a_normal(mean, std):
 def test_conditions_are_dropped_independently_at_cond_drop():
     n = 4000
     images, idx = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
-    labels, positions = torch.randint(0, 2, (n,)), torch.rand(n)
+    labels, positions, covariates = torch.randint(0, 2, (n,)), torch.rand(n), torch.rand(n, 2)
+    covariates[:5, 1] = float("nan")  # not in the table: stays not given
     gen = torch.Generator().manual_seed(0)
-    _, _, _, (got_labels, got_positions) = objective.make_batch(images, idx, gen, batch_config(COND_DROP=0.3), 0, 1,
-                                                            torch.device("cpu"), labels, positions)
-    no_class, no_slice = got_labels == -1, got_positions.isnan()
-    assert abs(no_class.float().mean() - 0.3) < 0.03 and abs(no_slice.float().mean() - 0.3) < 0.03
-    assert abs((no_class & no_slice).float().mean() - 0.09) < 0.02  # independent: 0.3 x 0.3
+    _, _, _, (got_labels, got_positions, got_covariates) = objective.make_batch(
+        images, idx, gen, batch_config(COND_DROP=0.3), 0, 1, torch.device("cpu"), labels, positions, covariates)
+    no_class, no_slice, no_age, no_other = got_labels == -1, got_positions.isnan(), *got_covariates.isnan().T
+    for dropped in (no_class, no_slice, no_age, no_other[5:]):
+        assert abs(dropped.float().mean() - 0.3) < 0.03
+    for a, b in ((no_class, no_slice), (no_class, no_age), (no_age, no_other)):
+        assert abs((a & b).float().mean() - 0.09) < 0.02  # independent: 0.3 x 0.3
+    assert no_other[:5].all() and torch.equal(got_covariates[~no_age, 0], covariates[~no_age, 0])
     assert torch.equal(got_labels[~no_class], labels[~no_class])
     assert torch.equal(got_positions[~no_slice], positions[~no_slice])
-    _, _, _, (got_labels, got_positions) = objective.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
-    assert got_labels is None and got_positions is None
+    _, _, _, cond = objective.make_batch(images, idx, gen, batch_config(), 0, 1, torch.device("cpu"))
+    assert cond == (None, None, None)
 
 
 def test_a_nonfinite_loss_skips_the_update():
