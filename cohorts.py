@@ -4,6 +4,7 @@ cross-sectional CSV, BIDS participants.tsv), matched to the files; and which sub
 these layouts and demo.py writes them."""
 import csv
 import hashlib
+import math
 import os
 import re
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import utils
 from utils import InputError, show_path
 
 OASIS = "keras_png_slices_"  # OASIS folders: keras_png_slices_{train,validate,test}, masks in ..._seg_*
@@ -27,6 +29,10 @@ ID_COLUMNS = ("Image Data ID", "Subject", "PTID", "ID", "participant_id", "subje
 LABEL_COLUMNS = ("Group", "DX", "DX_bl", "diagnosis", "group", "CDR")  # the first present is the label column
 LEVELS = ("image", "session", "subject", "name")  # how a file matches a table row, finest first
 DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon"}  # a table's: the one its header splits on most
+SEX_VALUES = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}  # a sex covariate's text values: M 0, F 1
+SEX_COLUMNS = ("sex", "m/f", "ptgender", "gender")  # columns read as sex, whatever the covariate is called
+AGE_RANGE = (0, 120)  # an age covariate outside this (years) is impossible: not given, and counted
+YEARS_SINCE_BASELINE = "Years_bl"  # ADNIMERGE: an AGE covariate is AGE (at baseline) plus this, per visit row
 
 
 def subject_of(path):
@@ -88,6 +94,9 @@ class Table:
     label_column: str
     rows: list = field(default_factory=list)  # [(ids, class or None)]
     digest: str = ""  # of the file and the settings that read it
+    covariates: list = field(default_factory=list)  # the covariate columns read, as the table names them
+    values: list = field(default_factory=list)  # per row, each covariate's value (NaN: blank, text or impossible)
+    bad: Counter = field(default_factory=Counter)  # (covariate, 'blank' | 'text' | 'impossible'): rows
 
 
 def _text(path):
@@ -113,9 +122,11 @@ def _delimiter(text, path):
     return found
 
 
-def read_table(path, id_column="", label_column="", label_map=""):
+def read_table(path, id_column="", label_column="", label_map="", covariates=(), labelled=True):
     """A CSV or TSV table of labels: its id columns and label column found by their usual names (or given), its values
-    mapped to classes by label_map ('CN=NC,SMC=NC,Dementia=AD'; without one, the values are the classes)."""
+    mapped to classes by label_map ('CN=NC,SMC=NC,Dementia=AD'; without one, the values are the classes); and the
+    numeric covariate columns named (any case), read by covariate_value. Not labelled: the label column may be
+    missing (the classes come from elsewhere)."""
     shown = show_path(path)
     if not os.path.isfile(path):
         raise InputError(f"no label table at {shown}: pass --labels FILE (a CSV or TSV)")
@@ -136,7 +147,11 @@ def read_table(path, id_column="", label_column="", label_map=""):
     find = lambda names: [c for name in names for c in columns if c.strip().lower() == name.lower()]  # noqa: E731
     ids = find([id_column]) if id_column else find(ID_COLUMNS)
     label = find([label_column]) if label_column else find(LABEL_COLUMNS)
-    if not ids or not label:
+    missing = [c for c in covariates if not find([c])]
+    if missing:
+        raise InputError(f"{shown} has no column {', '.join(missing)}; its columns: {', '.join(columns)} (check "
+                         f"--covariates)")
+    if not ids or (labelled and not label):
         wanted = f"column {id_column}" if id_column else "id column (" + ", ".join(ID_COLUMNS) + ")"
         if ids:
             wanted = f"column {label_column}" if label_column else "label column (" + ", ".join(
@@ -152,13 +167,41 @@ def read_table(path, id_column="", label_column="", label_map=""):
             raise InputError(f"--label-map {label_map}: {value} maps to no class; give a class after each '=', e.g. "
                              f"{value}=NC")
         mapping[_normal(value)] = name.strip()
-    table = Table(path, ids, label[0])
+    table = Table(path, ids, label[0] if label else "", covariates=[find([c])[0] for c in covariates])
     for row in rows:
-        value = _normal(row.get(label[0]) or "")
+        value = _normal(row.get(label[0]) or "") if label else ""
         name = mapping.get(value) if mapping else value or None
         table.rows.append(([key for column in ids for key in ids_in_table(row.get(column) or "")], name))
-    table.digest = hashlib.sha1(text.encode() + repr((ids, label, sorted(mapping.items()))).encode()).hexdigest()[:12]
+        read = [covariate_value(row, column, columns) for column in table.covariates]
+        table.values.append(tuple(v for v, _ in read))
+        table.bad.update((column, why) for column, (_, why) in zip(table.covariates, read) if why)
+    table.digest = hashlib.sha1(text.encode() + repr((ids, label, sorted(mapping.items()), covariates)).encode()
+                                ).hexdigest()[:12]
     return table
+
+
+def covariate_value(row, column, columns):
+    """A row's value of a covariate column and why it is not given (None where it is): numbers as they are, a sex
+    column's M/F as 0/1 (SEX_VALUES), an age outside AGE_RANGE impossible; ADNIMERGE's AGE (at baseline) plus the
+    row's Years_bl. ('blank', 'text' or 'impossible' with NaN where it cannot be read.)"""
+    text = (row.get(column) or "").strip()
+    if not text:
+        return math.nan, "blank"
+    if column.lower() in SEX_COLUMNS and text.lower() in SEX_VALUES:
+        return SEX_VALUES[text.lower()], None
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan, "text"
+    if column == "AGE" and YEARS_SINCE_BASELINE in columns:
+        try:
+            value += float(row[YEARS_SINCE_BASELINE])
+        except ValueError:  # blank or text: the baseline age
+            pass
+    is_age = column.lower() in ("age", "age_at_scan", "ageatscan")
+    if not math.isfinite(value) or (is_age and not AGE_RANGE[0] <= value <= AGE_RANGE[1]):
+        return math.nan, "impossible"
+    return value, None
 
 
 @dataclass
@@ -186,27 +229,39 @@ class Matching:
         return "\n".join(lines)
 
 
+def _row_index(table):
+    """{(level, key): the rows that carry it}."""
+    index = {}
+    for row, (ids, _) in enumerate(table.rows):
+        for key in ids:
+            index.setdefault(key, []).append(row)
+    return index
+
+
+def rows_of(path, index):
+    """(the finest level at which a file's ids name rows, those rows), or (None, [])."""
+    found = ids_in_path(path)
+    for level in LEVELS:
+        rows = sorted({r for key in found if key[0] == level for r in index.get(key, [])})
+        if rows:
+            return level, rows
+    return None, []
+
+
 def match_files(files, table):
     """Each file's class from the table, matching finest first: the image id in its name, then its session, then its
     subject (whose rows must agree), then a folder or file name; the files left unlabelled and why."""
-    index = {}
-    for row, (ids, name) in enumerate(table.rows):
-        for key in ids:
-            index.setdefault(key, []).append(row)
+    index = _row_index(table)
     result, used = Matching({}, Counter(), [], [], [], 0), set()
     for path in files:
-        found = ids_in_path(path)
-        for level in LEVELS:
-            rows = sorted({r for key in found if key[0] == level for r in index.get(key, [])})
-            if rows:
-                break
-        else:
+        level, rows = rows_of(path, index)
+        if not rows:
             result.unmatched.append(path)
             continue
         used.update(rows)
         names = {table.rows[r][1] for r in rows} - {None}
         if len(names) > 1:
-            result.conflicts.append(next(k for lv, k in found if lv == level))
+            result.conflicts.append(next(k for lv, k in ids_in_path(path) if lv == level))
         elif not names:
             result.unlabelled.append(path)
         else:
@@ -245,6 +300,79 @@ def labels_from(table, splits, root):
     kept = {s: [p for p in paths if os.path.relpath(p, root) in matching.labels] for s, paths in splits.items()}
     return ({s: p for s, p in kept.items() if p}, classes,
             {f: classes.index(c) for f, c in matching.labels.items()}, matching)
+
+
+@dataclass
+class Covered:
+    """What a table's covariate columns give a list of files: how many files each gives a value, and why not."""
+    given: Counter  # covariate: files given a value
+    missing: Counter  # (covariate, why): files without one ('not in the table', 'blank or unreadable', 'rows disagree')
+
+    def report(self, table):
+        """The covariates' matching in a few lines (with the table's unreadable values), for dataset.py's report."""
+        lines = [f"covariates {show_path(table.path)}:"]
+        for name in table.covariates:
+            why = ", ".join(f"{n} {reason}" for (c, reason), n in sorted(self.missing.items()) if c == name)
+            bad = ", ".join(f"{n} {reason}" for (c, reason), n in sorted(table.bad.items()) if c == name)
+            lines.append(f"        {name}: {self.given[name]} files given" + (f"; not given (trained as "
+                         f"'not given'): {why}" if why else "") + (f"; table rows unread: {bad}" if bad else ""))
+        return "\n".join(lines)
+
+
+def covariates_of_files(table, files):
+    """Each file's covariates (len(files) x K, NaN where not given), matched as match_files matches classes: a
+    file's finest rows must agree on a value (a subject's visits differ in age: only finer ids give one), and how."""
+    index, values = _row_index(table), torch.full((len(files), len(table.covariates)), math.nan)
+    covered = Covered(Counter(), Counter())
+    for i, path in enumerate(files):
+        _, rows = rows_of(path, index)
+        for j, name in enumerate(table.covariates):
+            given = {v for r in rows if not math.isnan(v := table.values[r][j])}
+            if len(given) == 1:
+                values[i, j] = given.pop()
+                covered.given[name] += 1
+            else:
+                why = "not in the table" if not rows else "rows disagree" if given else "blank or unreadable"
+                covered.missing[name, why] += 1
+    return values, covered
+
+
+def table_for(cfg, root, bids, layout):
+    """The table the classes or covariates come from: LABELS; else, where class conditioning or COVARIATES asks for
+    one, a BIDS dataset's participants.tsv, or for COVARIATES the one table in the data folder. None: no table (the
+    classes come from class folders)."""
+    covariates = utils.covariates_of(cfg)
+    path = cfg["LABELS"]
+    if not path and bids and (utils.conditions_of(cfg)[0] or covariates):
+        path = os.path.join(root, "participants.tsv") if os.path.isfile(os.path.join(root, "participants.tsv")) else ""
+    if not path and covariates:
+        path = table_in(root, covariates)
+    if not path:
+        return None
+    if layout == "oasis" or (layout == "adni" and not covariates):
+        raise InputError(f"--labels reads folders of scans or images whose names carry ADNI, OASIS or BIDS ids, not "
+                         f"the {layout.upper()} slice layout in {show_path(root)}: leave --labels out")
+    labelled = layout != "adni" and utils.conditions_of(cfg)[0]  # ADNI's classes are its folders
+    return read_table(path, cfg["ID_COLUMN"], cfg["LABEL_COLUMN"], cfg["LABEL_MAP"], covariates, labelled)
+
+
+def table_in(root, covariates):
+    """The one CSV or TSV file in the data folder, which COVARIATES then reads (said in a notice)."""
+    tables = sorted(e.path for e in os.scandir(root) if e.is_file() and e.name.lower().endswith((".csv", ".tsv")))
+    if len(tables) != 1:
+        raise InputError(f"--covariates {','.join(covariates)} reads a table of them, and {show_path(root)} holds "
+                         f"{len(tables) or 'no'} CSV or TSV files" + (f" ({', '.join(map(os.path.basename, tables))})"
+                                                                     if tables else "") + ": pass --labels FILE")
+    print(f"notice: reading the covariates {', '.join(covariates)} from {show_path(tables[0])}")
+    return tables[0]
+
+
+def check_covered(table, train_values):
+    """An InputError where a covariate has no value for any training image."""
+    for name, column in zip(table.covariates, train_values.T):
+        if column.isnan().all():
+            raise InputError(f"no training image has a value of {name} in {show_path(table.path)}: check the table's "
+                             f"ids against the files (python dataset.py DIR --labels FILE --covariates {name})")
 
 
 def held_out(subjects, share, seed, classes):

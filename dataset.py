@@ -63,7 +63,11 @@ class Data:
     sizes: dict = field(default_factory=dict)  # original image sizes found, 'WxH' (scans 'XxYxZ AxBxC mm'): count
     scans: list = field(default_factory=list)  # volumes: the Scans read, train ones first
     val_names: list = field(default_factory=list)  # each held-out image's file under root (a scan's: FILE:K)
+    train_names: list = field(default_factory=list)  # each training image's, likewise
     labels_report: str = ""  # with a label table (LABELS): how its rows matched the files
+    covariate_names: list = field(default_factory=list)  # COVARIATES: the table's columns, in order
+    train_covariates: torch.Tensor | None = None  # COVARIATES: N x K values (NaN: not given for that image)
+    val_covariates: torch.Tensor | None = None
 
     def summary(self):
         s = self.train.shape[-1]
@@ -154,7 +158,7 @@ def list_images(folder, exclude=(), exts=IMAGE_EXTS):
     return sorted(found)
 
 
-def _decode_all(paths, size):
+def decode_all(paths, size):
     """Decode paths with a thread pool: (uint8 N x 1 x S x S, kept indices, sizes found, skip messages)."""
     def one(p):
         try:
@@ -177,7 +181,7 @@ def read_folder(path, image_size, with_names=False):
     if not os.path.exists(path):
         raise InputError(f"{show_path(path)} does not exist: check the path, and pass an image or a folder of images")
     paths = [path] if os.path.isfile(path) else list_images(path) if os.path.isdir(path) else []
-    images, keep, _, skipped = _decode_all(paths, image_size)
+    images, keep, _, skipped = decode_all(paths, image_size)
     for msg in skipped:
         print(f"warning: skipping {msg}", file=sys.stderr)
     if not len(images):
@@ -218,7 +222,7 @@ def _load_split(root, layout, split, paths, size):
         if layout == "volumes":
             c = _read_scans(root, [e[0] for e in entries], size)
         else:
-            images, keep, sizes, skipped = _decode_all([e[0] for e in entries], size)
+            images, keep, sizes, skipped = decode_all([e[0] for e in entries], size)
             names = [os.fsencode(os.path.relpath(entries[i][0], root)).decode("utf-8", "surrogateescape")
                      for i in keep]
             c = {"images": images, "names": names, "sizes": sizes, "skipped": skipped}
@@ -374,7 +378,8 @@ def class_labels(train_names, val_names, layout):
 
 def _locate(cfg):
     """(layout name or None, folder to search, folders to leave out), building the demo where it is due: the
-    labelled (AD/NC) one when CONDITION asks for classes, the OASIS-like one otherwise."""
+    labelled (AD/NC, with ages) one when CONDITION asks for classes or COVARIATES for any, the OASIS-like one
+    otherwise."""
     folder = cfg["DATA_DIR"]
     if os.path.normpath(folder) != os.path.normpath(utils.DATA_DIR):
         return None, folder, set()
@@ -382,7 +387,7 @@ def _locate(cfg):
     if os.path.isdir(folder) and any(not e.startswith(".") and e != "README.md" and e not in demos
                                      for e in os.listdir(folder)):
         return None, folder, set(demos.values())  # real data in the default folder: never a demo
-    labelled = utils.conditions_of(cfg)[0]
+    labelled = utils.conditions_of(cfg)[0] or bool(utils.covariates_of(cfg))  # the labelled demo has the ages
     demo = demos["demo_labelled" if labelled else "demo"]
     if not demo_sets.is_built(demo, labelled):  # a half-built demo, or one from before the labelled demo's truth
         try:
@@ -391,19 +396,6 @@ def _locate(cfg):
             raise InputError(f"could not build the demo in {show_path(demo)} ({e.strerror or e}): make {show_path(folder)} "
                             f"writable or pass --data-dir PATH") from None
     return "demo", os.path.join(demo, "AD_NC" if labelled else OASIS + "data"), set()
-
-
-def label_table(cfg, root, bids, layout):
-    """The table the classes come from: LABELS, or a BIDS dataset's participants.tsv when class conditioning asks for
-    classes; None: the class folders."""
-    default = os.path.join(root, "participants.tsv")
-    path = cfg["LABELS"] or (default if bids and utils.conditions_of(cfg)[0] and os.path.isfile(default) else "")
-    if not path:
-        return None
-    if layout not in ("volumes", "folder"):
-        raise InputError(f"--labels reads folders of scans or images whose names carry ADNI, OASIS or BIDS ids, not "
-                         f"the {layout.upper()} slice layout in {show_path(root)}: leave --labels out")
-    return cohorts.read_table(path, cfg["ID_COLUMN"], cfg["LABEL_COLUMN"], cfg["LABEL_MAP"])
 
 
 def _folder_held_out(names, label_of, classes, seed):
@@ -441,7 +433,8 @@ def _volume_data(root, got, classes, label_of, seed):
     return Data("volumes", root, images[~val], images[val], labels[~val] if classes else None,
                 labels[val] if classes else None, classes, positions[~val], positions[val],
                 scans=sorted(scans, key=lambda x: x.split == "val"),
-                val_names=[n for n, v in zip(names, val.tolist()) if v])
+                val_names=[n for n, v in zip(names, val.tolist()) if v],
+                train_names=[n for n, v in zip(names, val.tolist()) if not v])
 
 
 def load_data(cfg):
@@ -458,8 +451,9 @@ def load_data(cfg):
         splits, classes, label_of = _volume_splits(root, exclude, cfg["BIDS_SUFFIX"] if bids else None)
     else:
         splits = _split_files(layout, root, cfg, exclude)
-    table = label_table(cfg, root, bids, layout)
-    if table is not None:
+    table = cohorts.table_for(cfg, root, bids, layout)
+    labels_by_table = table is not None and bool(table.label_column) and layout != "adni"
+    if labels_by_table:
         splits, classes, label_of, matching = cohorts.labels_from(table, splits, root)
     if not splits:
         masks = any(d.startswith(OASIS + "seg") for _, dirs, _ in os.walk(folder) for d in dirs)
@@ -489,38 +483,24 @@ def load_data(cfg):
     if layout == "volumes":
         data, unnamed = _volume_data(root, got, classes, label_of, cfg["SEED"]), None
     else:
-        data = Data(name or layout, root, train[0], val[0], val_names=list(val[1]))
-        unnamed = conditions_from_names(data, layout, train[1], val[1], utils.conditions_of(cfg)[0] and not table)
-        if table is not None:
+        data = Data(name or layout, root, train[0], val[0], val_names=list(val[1]), train_names=list(train[1]))
+        unnamed = conditions_from_names(data, layout, train[1], val[1],
+                                        utils.conditions_of(cfg)[0] and not labels_by_table)
+        if labels_by_table:
             data.classes, data.train_labels, data.val_labels = classes, *(torch.tensor(
                 [label_of[n] for n in names], dtype=torch.long) for names in (train[1], val[1]))
+    if utils.covariates_of(cfg):
+        add_covariates(data, table)
     check_conditions(data, cfg, unnamed)
     if table is not None:
         keys.append(table.digest)
-        data.labels_report = matching.report(table)
+        data.labels_report = "\n".join(filter(None, [matching.report(table) if labels_by_table else "",
+                                                     data.labels_report]))
     data.fingerprint, data.cache, data.sizes = hashlib.sha1("".join(keys).encode()).hexdigest()[:12], cache, dict(sizes)
     if len(data.train) < cfg["BATCH_SIZE"]:
         print(f"notice: only {len(data.train)} training images, fewer than BATCH_SIZE {cfg['BATCH_SIZE']}: "
               f"training will use smaller batches")
     return data
-
-
-def read_truth(data):
-    """The labelled demo's truth for its held-out 'AD' slices (demo.py): (their indices in data.val, the whole-disease
-    twins, their masks, the local-atrophy twins, their masks; twins uint8 N x 1 x S x S, masks bool), or None where the
-    data has none. The masks are made as demo.py makes its full-size ones, at this size (demo.changed)."""
-    folder = os.path.join(os.path.dirname(os.path.normpath(data.root)), demo_sets.TRUTH)
-    if not all(os.path.isdir(os.path.join(folder, kind)) for kind in ("healthy", "local_healthy")):
-        return None
-    found = [(i, os.path.basename(n)) for i, n in enumerate(data.val_names)
-             if os.path.isfile(os.path.join(folder, "healthy", os.path.basename(n)))]
-    if not found:
-        return None
-    index = torch.tensor([i for i, _ in found])
-    whole, local = (_decode_all([os.path.join(folder, kind, n) for _, n in found], data.val.shape[-1])[0]
-                    for kind in ("healthy", "local_healthy"))
-    images = data.val[index]
-    return index, whole, demo_sets.changed(images, whole, local), local, demo_sets.changed(images, local)
 
 
 def save_preview(data, path):
@@ -546,6 +526,15 @@ def conditions_from_names(data, layout, train_names, val_names, wants_class):
     if unnamed is None and unnamed_val is None:
         data.train_positions, data.val_positions = train, val
     return unnamed or unnamed_val
+
+
+def add_covariates(data, table):
+    """The covariates of every image from the table (a scan's slices share its file's rows), and how they matched."""
+    file_of = lambda name: name.rsplit(":", 1)[0] if data.layout == "volumes" else name  # noqa: E731  FILE:K
+    values, covered = cohorts.covariates_of_files(table, [file_of(n) for n in data.train_names + data.val_names])
+    data.covariate_names, data.labels_report = list(table.covariates), covered.report(table)
+    data.train_covariates, data.val_covariates = values[:len(data.train)], values[len(data.train):]
+    cohorts.check_covered(table, data.train_covariates)
 
 
 def check_conditions(data, cfg, unnamed):

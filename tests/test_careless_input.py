@@ -12,6 +12,7 @@ from conftest import run_script, write_blobs
 import dataset
 import edit
 import inpainting
+import truth
 
 
 def one_error_line(r, expected):
@@ -81,7 +82,7 @@ def test_blank_held_out_slices_get_no_box_and_are_not_picked_to_fill(monkeypatch
     images[1:3, :, 4:12, 4:12] = 0.5
     boxes = inpainting.random_boxes(images, seed=0)  # a blank slice used to end in "random_ expects 'from' < 'to'"
     assert not boxes[0].any() and not boxes[3].any() and boxes[1].any() and boxes[2].any()
-    monkeypatch.setattr(dataset, "read_truth", lambda data: None)
+    monkeypatch.setattr(truth, "read_truth", lambda data: None)
     data = types.SimpleNamespace(val=((images + 1) * 127.5).round().to(torch.uint8), val_labels=None,
                                  val_positions=None, val_names=[f"s_{i}.png" for i in range(4)])
     assert edit.heldout_slices(data, None, 32, with_brain=True).names == ["s_1", "s_2"]
