@@ -1,6 +1,7 @@
 """The built-in demo sets: axial slices of the MNI ICBM152 brain template that nilearn ships, each seen through
 its own random deformation, written in the OASIS layout (unlabelled) or the ADNI layout (AD/NC, with simulated
 atrophy for 'AD'), so that dataset.py reads them like real data."""
+import csv
 import math
 import os
 import time
@@ -23,14 +24,20 @@ DEMO_FIELD = 64  # demo: resolution of the deformation and bias fields, bilinear
 DEMO_CHUNK = 64  # demo: slices deformed at once
 LABELLED_SUBJECTS = (48, 10)  # labelled demo: subjects per class in train and in test
 LABELLED_SLICES = 24  # labelled demo: slices per subject, spread through the brain
-ATROPHY_MIN = 0.35  # labelled demo: 'AD' subjects' atrophy severity is uniform in [ATROPHY_MIN, 1]; 'NC' have none
 VENTRICLE_MM = 6  # atrophy at severity 1: ventricles grow by this much into the tissue around them
 CORTEX_MM = 3  # atrophy at severity 1: the cortex recedes by this much from the CSF and the outside (wider sulci)
 BRAIN_SHRINK = 0.06  # atrophy at severity 1: the whole brain is this much smaller
-TRUTH = "truth"  # labelled demo: beside AD_NC/, the twins and masks of held-out AD slices (TRUTH_KINDS)
+DEMO_AGES = (60, 90)  # labelled demo: each subject's age at its scan is uniform in this range (years)
+AGE_ONSET, AGE_RATE = 50, 0.012  # labelled demo: everyone's atrophy severity grows by AGE_RATE a year after AGE_ONSET
+AD_ONSETS = (55, 70)  # labelled demo: an 'AD' subject's disease began at an age uniform in this range
+AD_RATES = (0.025, 0.045)  # labelled demo: and its severity grows since by a rate uniform in this, a year
+AD_SCANNED_AFTER = 5  # labelled demo: 'AD' subjects are scanned this many years after onset or later (up to age 90)
+FUTURE_YEARS = (5, 10)  # labelled demo: held-out subjects are also rendered this many years on (truth/future_N/)
+TABLE = "ADNI_demo_collection.csv"  # labelled demo: in AD_NC/, each subject's row as an ADNI collection CSV writes it
+TRUTH = "truth"  # labelled demo: beside AD_NC/, the twins and masks of held-out AD slices (TRUTH_KINDS) and the futures
 TRUTH_KINDS = ("healthy", "mask", "local_healthy", "local_mask")  # truth/: whole-disease twin and mask, atrophy's alone
 TRUTH_LEVEL = 12  # labelled demo: a pixel the atrophy changed by more than this (of 255) is in the true effect mask
-LABELLED_VERSION = "labelled demo 3: whole-disease and local-atrophy twins and masks of held-out AD slices"  # in DONE
+LABELLED_VERSION = "labelled demo 4: ages, age atrophy, disease progression, the held-out subjects' futures"  # in DONE
 
 
 def _template(size):
@@ -68,13 +75,14 @@ def _grow(mask, step):
 
 
 def _atrophy(planes, severity):
-    """Alzheimer's-like atrophy of template planes (N x 4 x Y x X, 1 mm pixels) of the given severities in [0, 1]:
-    ventricles grown by up to VENTRICLE_MM, and the cortex given up to the sulci and the outside by up to CORTEX_MM
-    (wider sulci, a thinner cortex); the tissue lost becomes CSF, or background at the brain's surface."""
+    """Alzheimer's-like atrophy of template planes (N x 4 x Y x X, 1 mm pixels) of the given severities (0 none, 1
+    a strong 'AD', more with age and time): ventricles grown by VENTRICLE_MM times the severity, and the cortex given
+    up to the sulci and the outside by CORTEX_MM times it (wider sulci, a thinner cortex); the tissue lost becomes
+    CSF, or background at the brain's surface."""
     t1, labels, ventricles, cortex = planes[:, 0], planes[:, 1], planes[:, 2] > 0.5, planes[:, 3] > 0.5
     csf = t1[ventricles].quantile(0.1)  # CSF proper, without the partial volume at the ventricles' edges
     sulci, outside = (labels == 1) & cortex, labels == 0
-    for mm in range(max(VENTRICLE_MM, CORTEX_MM)):
+    for mm in range(math.ceil(max(VENTRICLE_MM, CORTEX_MM) * max(1.0, severity.max().item()))):
         ventricles |= (mm < severity * VENTRICLE_MM)[:, None, None] & _grow(ventricles, mm) & (labels >= 2)
         thinning = (mm < severity * CORTEX_MM)[:, None, None] & cortex
         sulci |= thinning & _grow(sulci, mm) & (labels == 2)
@@ -160,48 +168,113 @@ def build_demo(out_dir, n_train=3000, n_val=300, n_test=300, size=256, seed=0):
     print(f"built the demo: {n_train} train, {n_val} validate, {n_test} test slices in {time.time() - start:.0f} s")
 
 
+def age_severity(age):
+    """The atrophy severity everyone carries at an age (years): AGE_RATE a year after AGE_ONSET."""
+    return AGE_RATE * max(0.0, age - AGE_ONSET)
+
+
+@dataclass
+class Subject:
+    """A labelled demo subject: its id (ADNI-like), class, age and sex at its scan; for 'AD' the age its disease began
+    and the severity the disease gains a year since (0 for 'NC')."""
+    id: str
+    label: str
+    age: float
+    sex: str
+    onset: float = 0.0
+    rate: float = 0.0
+
+    def disease(self, years=0.0):
+        """The disease's atrophy severity `years` after the scan."""
+        return self.rate * max(0.0, self.age + years - self.onset)
+
+    def atrophy(self, years=0.0):
+        """The whole atrophy severity `years` after the scan: the age's and the disease's."""
+        return age_severity(self.age + years) + self.disease(years)
+
+
+def _subject(number, label, g):
+    """A subject drawn from g: its sex and age at the scan (uniform in DEMO_AGES; for 'AD', from AD_SCANNED_AFTER
+    years after its onset on, so that older 'AD' subjects are on average further into the disease, as in a real
+    cross-sectional cohort), and for 'AD' its onset and rate."""
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
+    sex = "F" if torch.rand((), generator=g).item() < 0.5 else "M"
+    if label != "AD":
+        return Subject(f"941_S_{number:04d}", label, round(u(*DEMO_AGES), 1), sex)
+    onset = u(*AD_ONSETS)
+    age = u(max(DEMO_AGES[0], onset + AD_SCANNED_AFTER), DEMO_AGES[1])
+    return Subject(f"941_S_{number:04d}", label, round(age, 1), sex, round(onset, 1), u(*AD_RATES))
+
+
 def build_labelled_demo(out_dir, subjects=LABELLED_SUBJECTS, slices=LABELLED_SLICES, size=256, seed=0):
-    """Write an ADNI-like labelled set, AD_NC/{train,test}/{AD,NC}/SUBJECT_K.png, from the MNI ICBM152 template:
-    'AD' subjects carry simulated atrophy of graded severity, 'NC' subjects none. K is the template slice number.
-    For each held-out 'AD' slice the truth goes beside, where dataset.py never reads, two answers: truth/healthy/ and
-    truth/mask/, the same slice without the disease (same subject, look and position, neither atrophy nor the brain's
-    shrink) and white where the disease changed it by more than TRUTH_LEVEL; truth/local_healthy/ and
-    truth/local_mask/, the same without the atrophy's tissue loss alone (the shrink kept): where the atrophy is."""
+    """Write an ADNI-like labelled set, AD_NC/{train,test}/{AD,NC}/SUBJECT_K.png, from the MNI ICBM152 template, with
+    AD_NC/TABLE giving each subject's age and sex: everyone carries the atrophy of their age, 'AD' subjects a disease
+    atrophy of graded severity on top. K is the template slice number. Beside AD_NC/, where dataset.py never reads,
+    truth/subjects.csv (each subject's onset, rate and severity) and the held-out subjects' truth: truth/future_N/ (and
+    _mask), each slice N years on (age and disease grown, the same look); for 'AD' slices, truth/healthy/ and
+    truth/mask/, the slice without the disease (its atrophy and the brain's shrink; the age's kept) and white where
+    the disease changed it by more than TRUTH_LEVEL; truth/local_healthy/ and truth/local_mask/, the same without the
+    disease's tissue loss alone (the shrink kept): where the atrophy is."""
     start = time.time()
     print(f"building the labelled demo set (simulated AD/NC) into {show_path(out_dir)} (first run only)...", flush=True)
     vol, mm = _template(size)
     g = torch.Generator().manual_seed(seed)
     save = lambda a, path: Image.fromarray(a.numpy(), "L").save(path, compress_level=1)  # noqa: E731
-    truth = {kind: os.path.join(out_dir, TRUTH, kind) for kind in TRUTH_KINDS}
+    kinds = TRUTH_KINDS + tuple(f"future_{y}{m}" for y in FUTURE_YEARS for m in ("", "_mask"))
+    truth = {kind: os.path.join(out_dir, TRUTH, kind) for kind in kinds}
     for folder in truth.values():
         os.makedirs(folder, exist_ok=True)
-    subject = 100_000
+    white = lambda mask: mask.to(torch.uint8) * 255  # noqa: E731
+    table, number = [], 0
     with ThreadPoolExecutor(io_threads()) as pool:
         for split, per_class in zip(("train", "test"), subjects):
-            for label, name in enumerate(ADNI_CLASSES):
+            for name in ADNI_CLASSES:
                 folder = os.path.join(out_dir, "AD_NC", split, name)
                 os.makedirs(folder, exist_ok=True)
                 for _ in range(per_class):
-                    subject += 1
-                    severity = ATROPHY_MIN + (1 - ATROPHY_MIN) * torch.rand((), generator=g) if name == "AD" else 0
+                    number += 1
+                    who = _subject(number, name, g)
+                    table.append((who, split))
                     band = len(vol) // slices  # one slice in each of `slices` bands from bottom to top, all different
                     z = (torch.arange(slices) * len(vol) / slices).floor() + torch.randint(band, (slices,), generator=g)
-                    look, names = _random_look(slices, g), [f"{subject}_{int(v)}.png" for v in z]
-                    imgs_severity = torch.full((slices,), float(severity))
-                    imgs, _ = _demo_slices(vol, z, look, size, mm, imgs_severity)
-                    list(pool.map(save, imgs, [os.path.join(folder, f) for f in names]))
+                    look, names = _random_look(slices, g), [f"{who.id}_{int(v)}.png" for v in z]
+                    render = lambda severity, shrink=None: _demo_slices(  # noqa: E731
+                        vol, z, look, size, mm, torch.full((slices,), severity),
+                        None if shrink is None else torch.full((slices,), shrink))[0]
+                    imgs = render(who.atrophy())
+                    images = {}
+                    if split == "test":
+                        for years in FUTURE_YEARS:
+                            future = render(who.atrophy(years))
+                            images.update({f"future_{years}": future, f"future_{years}_mask": white(changed(future, imgs))})
                     if split == "test" and name == "AD":
-                        twin = lambda shrink: _demo_slices(vol, z, look, size, mm, 0 * shrink, shrink)[0]  # noqa: E731
-                        whole, local = twin(torch.zeros(slices)), twin(imgs_severity)  # no shrink; the shrink kept
-                        white = lambda mask: mask.to(torch.uint8) * 255  # noqa: E731
-                        images = {"healthy": whole, "mask": white(changed(imgs, whole, local)), "local_healthy": local,
-                                  "local_mask": white(changed(imgs, local))}
-                        list(pool.map(save, [a for k in TRUTH_KINDS for a in images[k]],
-                                      [os.path.join(truth[k], f) for k in TRUTH_KINDS for f in names]))
+                        aged = age_severity(who.age)
+                        whole, local = render(aged), render(aged, who.atrophy())  # no disease; its shrink kept
+                        images.update({"healthy": whole, "mask": white(changed(imgs, whole, local)),
+                                       "local_healthy": local, "local_mask": white(changed(imgs, local))})
+                    list(pool.map(save, [imgs[i] for i in range(slices)] + [a for k in images for a in images[k]],
+                                  [os.path.join(folder, f) for f in names]
+                                  + [os.path.join(truth[k], f) for k in images for f in names]))
+    write_tables(out_dir, table)
     with open(os.path.join(out_dir, "DONE"), "w") as f:  # written last: a half-built demo is rebuilt
         f.write(f"{LABELLED_VERSION}\nMNI ICBM152, simulated atrophy: {subjects} subjects per class, {slices} slices, "
                 f"{size}px, seed {seed}\n")
     print(f"built the labelled demo: {2 * sum(subjects) * slices} slices in {time.time() - start:.0f} s")
+
+
+def write_tables(out_dir, subjects):
+    """AD_NC/TABLE, as ADNI's collection CSVs write a subject's row (its group NC written CN, as ADNI does), and
+    truth/subjects.csv with what the demo drew for each ((Subject, split) pairs)."""
+    with open(os.path.join(out_dir, "AD_NC", TABLE), "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["Subject", "Group", "Sex", "Age", "Visit", "Modality"])
+        rows.writerows([who.id, "CN" if who.label == "NC" else who.label, who.sex, f"{who.age:.1f}", "sc", "MRI"]
+                       for who, _ in subjects)
+    with open(os.path.join(out_dir, TRUTH, "subjects.csv"), "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["subject", "split", "class", "age", "sex", "onset", "rate_per_year", "disease_severity"])
+        rows.writerows([who.id, split, who.label, f"{who.age:.1f}", who.sex, f"{who.onset:.1f}", f"{who.rate:.4f}",
+                        f"{who.disease():.4f}"] for who, split in subjects)
 
 
 def changed(images, *twins):
