@@ -21,6 +21,7 @@ import dataset
 import edit_scores
 import inpainting
 import pictures
+import truth
 import utils
 import volumes
 from cohorts import ADNI_NAME, SLICE_NAME
@@ -92,15 +93,15 @@ def heldout_slices(data, target, count, with_brain=False):
         raise InputError(f"the held-out split has no {'non-blank ' if with_brain else ''}slices "
                          f"{'' if labels is None else 'of another class '}to edit: pass --input")
     pick = others[torch.linspace(0, len(others) - 1, min(count, len(others))).round().long()]
-    truth = [None] * 4
-    if (found := dataset.read_truth(data)) is not None:
+    known = [None] * 4
+    if (found := truth.read_truth(data)) is not None:
         where = {i: k for k, i in enumerate(found[0].tolist())}
         if all(i in where for i in pick.tolist()):  # the labelled demo: every non-NC slice has its truth
             rows = torch.tensor([where[i] for i in pick.tolist()])
-            truth = [t[rows] if t.dtype == torch.bool else t[rows].float() / 127.5 - 1 for t in found[1:]]
+            known = [t[rows] if t.dtype == torch.bool else t[rows].float() / 127.5 - 1 for t in found[1:]]
     return Slices(data.val[pick].float() / 127.5 - 1, [pictures.slice_name(data.val_names[i]) for i in pick.tolist()],
                   None if labels is None else labels[pick],
-                  None if data.val_positions is None else data.val_positions[pick], *truth)
+                  None if data.val_positions is None else data.val_positions[pick], *known)
 
 
 def given_slices(path, size):
@@ -156,13 +157,14 @@ def unique_names(paths, root):
     return [pictures.slice_name(os.path.relpath(p, root).replace(os.sep, "_")) for p in paths]
 
 
-def inverted(sampling, x, sources, positions, depth):
-    """DDIM inversion of x to depth*T under its own classes (None: no class) and positions, with the model alone (no
-    guidance, no clipping, fp32): (the latent, every intermediate on the way, the step it reached)."""
+def inverted(sampling, x, sources, positions, depth, covariates=None):
+    """DDIM inversion of x to depth*T under its own classes (None: no class), positions and covariates, with the
+    model alone (no guidance, no clipping, fp32): (the latent, every intermediate on the way, the step it reached)."""
     settings, schedule = sampling.settings, sampling.schedule
     end = max(1, round(depth * schedule.timesteps) - 1)
-    latent, path = schedule.invert(sampling.plain(sources, positions), x.to(sampling.device), end,
-                                   settings["EDIT_STEPS"], settings["STEP_SPACING"], keep=True)
+    net = sampling.plain(sources, positions, covariates=covariates)
+    latent, path = schedule.invert(net, x.to(sampling.device), end, settings["EDIT_STEPS"], settings["STEP_SPACING"],
+                                   keep=True)
     return latent, path, end
 
 
@@ -418,7 +420,7 @@ def inpaint_eval(sampling, data, resample, jump, out):
                             torch.full((len(atrophy.images),), healthy))
     figures = {"resample": resample, "jump": jump}
     utils.fresh_folder(out, FILLS)  # this run's set replaces the last one's whole
-    for case, (slices, masks, truth, labels) in cases.items():
+    for case, (slices, masks, original, labels) in cases.items():
         labels, positions = labels if sampling.class_names else None, slices.positions if by_slice else None
         fill = lambda r, j: utils.in_batches(lambda *b: inpainting.repaint(sampling, *b, r, j),  # noqa: E731
                                              batch, slices.images, masks, labels, positions)
@@ -427,9 +429,9 @@ def inpaint_eval(sampling, data, resample, jump, out):
                  "biharmonic": inpainting.biharmonic_fill(slices.images, masks),
                  "height_mean": torch.where(masks, mean, slices.images)}
         figures[case] = {"slices": len(masks), "mask_share": masks.float().mean().item(),
-                         **{name: inpainting.fill_scores(f, truth, masks) for name, f in fills.items()}}
+                         **{name: inpainting.fill_scores(f, original, masks) for name, f in fills.items()}}
         if case == "boxes":
-            pictures.save_edits({"input, mask outlined": slices.images, "filled": fills["repaint"], "original": truth},
+            pictures.save_edits({"input, mask outlined": slices.images, "filled": fills["repaint"], "original": original},
                                 slices.names, os.path.join(out, "inpaint.png"),
                                 f"inpainting (RePaint, {resample} passes, jumps of {jump})", outlines=masks)
     with open(os.path.join(out, "inpaint.json"), "w") as f:
@@ -485,6 +487,9 @@ def parse_settings(argv=None):
     if args.input is None and (args.label, args.slice_position) != (None, None) and editing:
         raise InputError("--label and --slice-position describe --input slices (their class and heights); held-out "
                          "slices carry their own: drop them, or pass --input")
+    if args.age is not None:
+        raise InputError("--age: edit.py edits with the age not given (the model's 'any age'); for a slice at another "
+                         "age, use progress.py --age YEARS --years N")
     if args.resample < 1 or args.jump < 1:
         raise InputError(f"--resample and --jump must be 1 or more, got {args.resample} and {args.jump}")
     return settings, args

@@ -17,7 +17,8 @@ PROBE_SIZE = 64  # side of the images the probe reads (larger slices are resized
 PROBE_EPOCHS = 11  # passes over its training images (also those of the TSTR classifiers)
 PROBE_BATCH = 64  # images per probe training step
 PROBE_LR = 2e-3  # peak learning rate of the probe (cosine decay)
-PROBE_VERSION = 1  # part of the probe cache's name: change it when the probe or its training changes
+PROBE_VERSION = 2  # part of the probe cache's name: change it when the probe or its training changes
+PROBE_AGE_SCALE = 100  # the probe's age head reads age / this (years)
 
 
 # ---------------------------------------------------------------- pixels: fidelity, diversity, memorisation
@@ -107,9 +108,10 @@ def probe_steps(n):
     return max(1, round(PROBE_EPOCHS * n / PROBE_BATCH))
 
 
-def fit_probe(images, labels, positions, num_classes, device, seed=0, steps=None):
+def fit_probe(images, labels, positions, num_classes, device, seed=0, steps=None, ages=None):
     """A Probe trained for `steps` (default: PROBE_EPOCHS passes) on uint8 slices (N x 1 x S x S) for the targets
-    given: class labels and slice positions (either may be None); with neither, the quarter turn of each slice."""
+    given: class labels, slice positions and ages in years (NaN: unknown; any may be None); with none, the quarter
+    turn of each slice."""
     steps = steps or probe_steps(len(images))
     with torch.random.fork_rng(devices=[]):  # a fixed initialisation that leaves the caller's random state alone
         torch.manual_seed(seed)
@@ -124,13 +126,17 @@ def fit_probe(images, labels, positions, num_classes, device, seed=0, steps=None
         x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen).to(device) < 0.5, x.flip(-1), x)  # mirror
         turns = torch.randint(0, 4, (len(x),), generator=gen).to(device)
         turned = torch.stack([x.rot90(k, (-2, -1)) for k in range(4)])[turns, torch.arange(len(x))]
-        _, logits, position, turn = model(x if labels is not None or positions is not None else turned)
+        supervised = labels is not None or positions is not None or ages is not None
+        f, logits, position, turn = model(x if supervised else turned)
         loss = 0
         if labels is not None:
             loss = loss + F.cross_entropy(logits, labels[idx].to(device))
         if positions is not None:
             loss = loss + 5 * F.l1_loss(position, positions[idx].to(device))
-        if labels is None and positions is None:
+        if ages is not None and (known := ~ages[idx].isnan()).any():
+            loss = loss + 5 * F.l1_loss(model.age(f)[:, 0][known.to(device)],
+                                        ages[idx][known].to(device) / PROBE_AGE_SCALE)
+        if not supervised:
             loss = F.cross_entropy(turn, turns)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,6 +157,20 @@ def read_slices(model, images, device, batch=256):
     return torch.cat(feats), None if classes[0] is None else torch.cat(classes), torch.cat(positions)
 
 
+@torch.no_grad()
+def read_ages(model, images, device, batch=256):
+    """The probe's reading of the images' ages, in years."""
+    return torch.cat([model.age(model.features(x.to(device).float() / 127.5 - 1 if x.dtype == torch.uint8 else
+                                              x.to(device).float()))[:, 0].cpu() * PROBE_AGE_SCALE
+                      for x in images.split(batch)])
+
+
+def heldout_ages(data):
+    """(training ages, held-out ages) in years (NaN: unknown) where the data has an age covariate, else (None, None)."""
+    column = next((i for i, n in enumerate(data.covariate_names) if n.lower() == "age"), None)
+    return (None, None) if column is None else (data.train_covariates[:, column], data.val_covariates[:, column])
+
+
 def probe_path(data):
     """Where the probe trained on this data is cached."""
     return os.path.join(data.cache, f"probe_v{PROBE_VERSION}_{data.fingerprint}_{data.train.shape[-1]}_"
@@ -161,6 +181,7 @@ def probe_for(data, device):
     """(probe, its figures on the real held-out split), trained on the real training split once and cached beside
     the data's cache, keyed by the data's fingerprint."""
     labels, positions, path = data.train_labels, data.train_positions, probe_path(data)
+    ages, val_ages = heldout_ages(data)
     if os.path.isdir(data.cache) and os.path.isfile(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = Probe(len(data.classes), probe_size(data.train)).to(device)
@@ -168,7 +189,7 @@ def probe_for(data, device):
         return model.eval().requires_grad_(False), state["real"]
     print(f"training the probe network on the {len(data.train)} real training slices (cached for next time)...",
           flush=True)
-    model = fit_probe(data.train, labels, positions, len(data.classes), device)
+    model = fit_probe(data.train, labels, positions, len(data.classes), device, ages=ages)
     _, predicted, position = read_slices(model, data.val, device)
     real = {"heldout_images": len(data.val)}
     if labels is not None:
@@ -176,14 +197,17 @@ def probe_for(data, device):
         real["train_on_real_accuracy"] = classifier_accuracy(data.train, labels, data, device)  # the TSTR reference
     if positions is not None:
         real["slice_mae"] = (position - data.val_positions).abs().mean().item()
+    if ages is not None:
+        known = ~val_ages.isnan()
+        real["age_mae"] = (read_ages(model, data.val[known], device) - val_ages[known]).abs().mean().item()
     if os.path.isdir(data.cache):
         checkpoints.save_checkpoint({"model": model.state_dict(), "real": real}, path)
     return model, real
 
 
-def control(samples, y, s, data, device):
-    """How well samples asked for class y and slice position s (either None) show them, to the probe, beside the
-    same figures for the real held-out slices."""
+def control(samples, y, s, data, device, ages=None):
+    """How well samples asked for class y, slice position s and ages in years (any None) show them, to the probe,
+    beside the same figures for the real held-out slices."""
     model, real = probe_for(data, device)
     _, predicted, position = read_slices(model, samples, device)
     result = {}
@@ -192,6 +216,9 @@ def control(samples, y, s, data, device):
                       class_accuracy_real_heldout=real["class_accuracy"])
     if s is not None:
         result.update(slice_mae=(position - s.cpu()).abs().mean().item(), slice_mae_real_heldout=real["slice_mae"])
+    if ages is not None and "age_mae" in real:
+        result.update(age_mae=(read_ages(model, samples, device) - ages.cpu()).abs().mean().item(),
+                      age_mae_real_heldout=real["age_mae"])
     return result
 
 

@@ -76,7 +76,7 @@ def row_label(name, longest=18):
 
 def save_edits(columns, names, path, title, rows=8, outlines=None):
     """counterfactual.png: a row a slice (up to `rows`, evenly picked), a column each of `columns` ({name: [-1, 1]
-    images}): 'difference' (signed, counterfactual - input) as a diverging colour overlay on the input and 'effect
+    images}): 'difference...' (signed, counterfactual - input) as a diverging colour overlay on the input and 'effect
     map' as a heat map, each with its colour bar; the rest in grey; `outlines` (bool masks) drawn on the first column."""
     import matplotlib
     matplotlib.use("Agg")
@@ -85,14 +85,14 @@ def save_edits(columns, names, path, title, rows=8, outlines=None):
     keys = list(columns)
     fig, axes = plt.subplots(len(picked), len(keys), figsize=(1.4 * len(keys) + 1.0, 1.4 * len(picked) + 0.5),
                              squeeze=False, layout="constrained")
-    limit = {k: max(columns[k].abs().max().item(), 1e-3) for k in ("difference", "effect map") if k in columns}
+    limit = {k: max(columns[k].abs().max().item(), 1e-3) for k in keys if k.startswith(("difference", "effect map"))}
     shown = {}
     for r, i in enumerate(picked):
         for c, key in enumerate(keys):
             ax, image = axes[r, c], columns[key][i, 0]
             ax.set_xticks([])
             ax.set_yticks([])
-            if key == "difference":
+            if key.startswith("difference"):
                 ax.imshow(utils.to_unit(columns["input"][i, 0]), cmap="gray", vmin=0, vmax=1)
                 strength = (image.abs() / limit[key]).clamp(0, 1).sqrt().numpy()
                 shown[c] = ax.imshow(image, cmap="RdBu_r", vmin=-limit[key], vmax=limit[key], alpha=strength)

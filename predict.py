@@ -9,6 +9,7 @@
 Questions about slices you hold (counterfactuals, effect maps, inpainting) are edit.py's.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -44,6 +45,7 @@ class Trained:
     step: int
     guide: torch.nn.Module | None  # the early snapshot autoguidance steers away from (None: the checkpoint has none)
     guide_step: int = 0  # the step that snapshot was taken at
+    covariates: dict = field(default_factory=dict)  # its covariates: {name: (lowest, highest) training value}
 
 
 def load_model(path, use_ema, device, bf16=False):
@@ -60,7 +62,8 @@ def load_model(path, use_ema, device, bf16=False):
 
     schedule = utils.NoiseSchedule(cfg["TIMESTEPS"], cfg["BETA_SCHEDULE"], cfg["PREDICTION"])
     return Trained(network(state.get("ema" if use_ema else "model")), schedule, cfg, class_names, state.get("step", 0),
-                   snapshot and network(snapshot["weights"]), snapshot["step"] if snapshot else 0)
+                   snapshot and network(snapshot["weights"]), snapshot["step"] if snapshot else 0,
+                   state.get("covariates", {}))
 
 
 # ---------------------------------------------------------------- what the user asks for
@@ -76,6 +79,8 @@ def sampling_parser(description):
                                         "the classes (default: all)")
     parser.add_argument("--slice-position", help="slice-conditional models: a position F in [0, 1] (bottom to top), "
                                                  "or A:B, spread evenly over the samples (default: 0:1)")
+    parser.add_argument("--age", help="models conditioned on an age covariate: an age in years, or A:B spread evenly "
+                                      "over the samples (default: not given, any age)")
     return parser
 
 
@@ -133,6 +138,33 @@ def chosen_positions(text, by_slice):
     return ends[0], ends[-1]
 
 
+def age_column(covariates):
+    """The index of the age among a model's covariates (named age, any case), or None."""
+    return next((i for i, name in enumerate(covariates) if name.lower() == "age"), None)
+
+
+def chosen_ages(text, covariates):
+    """(A, B) from --age A or A:B; None where not asked. Refused for a model without an age covariate; outside the
+    trained range, a notice names it."""
+    if text is None:
+        return None
+    column = age_column(covariates)
+    if column is None:
+        raise InputError(f"--age {text}: this model was not trained with an age covariate (train with --covariates "
+                         f"age and a table of ages)")
+    try:
+        ends = [float(v) for v in text.split(":")]
+    except ValueError:
+        ends = []
+    if len(ends) not in (1, 2) or not all(math.isfinite(v) for v in ends):
+        raise InputError(f"--age {text}: give an age in years (75) or a range A:B (60:90)")
+    lo, hi = list(covariates.values())[column]
+    if min(ends) < lo or max(ends) > hi:
+        print(f"notice: --age {text} is outside the ages this model was trained on ({lo:g} to {hi:g}): the samples "
+              f"extrapolate")
+    return ends[0], ends[-1]
+
+
 def check_extras(args, class_names, by_slice):
     """--slice-sweep and --tstr only make sense for models with the matching condition."""
     if args.slice_sweep and not by_slice:
@@ -155,6 +187,8 @@ class Sampling:
     class_names: list = field(default_factory=list)  # the checkpoint's classes (empty: not class-conditional)
     labels: list = field(default_factory=list)  # the class indices --label asks for (empty: no class)
     positions: tuple | None = None  # the range of slice positions --slice-position asks for (None: no position)
+    covariate_ranges: dict = field(default_factory=dict)  # the checkpoint's covariates: {name: (lowest, highest)}
+    ages: tuple | None = None  # the range of ages --age asks for (None: not given)
 
     def steps(self):
         """Network evaluations of the sampler along the way: T for ddpm, SAMPLE_STEPS otherwise."""
@@ -164,28 +198,45 @@ class Sampling:
         return torch.randn((n, self.cfg["CHANNELS"], self.cfg["IMAGE_SIZE"], self.cfg["IMAGE_SIZE"]), generator=gen,
                            device=self.device)
 
-    def denoiser(self, labels=None, positions=None):
-        """What the samplers call for these conditions (None: not given): guided, autoguided, in bf16 where asked."""
+    def scaled(self, covariates):
+        """Covariates in their own units (N x K, NaN: not given) as the model takes them; None stays None."""
+        if covariates is None:
+            return None
+        return utils.scaled_covariates(covariates, list(self.covariate_ranges.values())).to(self.device)
+
+    def spread_covariates(self, n):
+        """The covariates for n samples: the ages --age asks for, spread evenly; the others not given (None: none)."""
+        if self.ages is None:
+            return None
+        values = torch.full((n, len(self.covariate_ranges)), math.nan)
+        values[:, age_column(self.covariate_ranges)] = torch.linspace(*self.ages, n)
+        return values
+
+    def denoiser(self, labels=None, positions=None, covariates=None):
+        """What the samplers call for these conditions (None: not given; covariates in their own units): guided,
+        autoguided, in bf16 where asked."""
         to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
         return Denoiser(self.net, to(labels), to(positions), self.settings["GUIDANCE"], self.guide,
-                        self.settings["AUTOGUIDANCE"], self.bf16)
+                        self.settings["AUTOGUIDANCE"], self.bf16, covariates=self.scaled(covariates))
 
-    def plain(self, labels=None, positions=None, guidance=1.0):
+    def plain(self, labels=None, positions=None, guidance=1.0, covariates=None, guided="class"):
         """The model alone for these conditions, in fp32 (what DDIM inversion and its decoding need): no autoguidance,
-        classifier-free guidance (on the class only) where guidance is not 1."""
+        classifier-free guidance (on the class only, or what `guided` names) where guidance is not 1."""
         to = lambda c: None if c is None else c.to(self.device)  # noqa: E731
-        return Denoiser(self.net, to(labels), to(positions), guidance, class_only=True)
+        return Denoiser(self.net, to(labels), to(positions), guidance, guided=guided,
+                        covariates=self.scaled(covariates))
 
-    def sample(self, noise, labels=None, positions=None, callback=None, generator=None, start_t=None):
+    def sample(self, noise, labels=None, positions=None, callback=None, generator=None, start_t=None, covariates=None):
         """Samples from the given starting noise (at step start_t, default T-1) for these conditions, with the run's
         sampler."""
         s = self.settings
-        return self.schedule.sample(self.denoiser(labels, positions), sampler=s["SAMPLER"], steps=s["SAMPLE_STEPS"],
+        return self.schedule.sample(self.denoiser(labels, positions, covariates), sampler=s["SAMPLER"],
+                                    steps=s["SAMPLE_STEPS"],
                                     eta=s["DDIM_ETA"], x=noise, start_t=start_t, generator=generator,
                                     device=self.device, callback=callback, spacing=s["STEP_SPACING"]).float().cpu()
 
 
-def generate(sampling, n, out, labels=None, positions=None):
+def generate(sampling, n, out, labels=None, positions=None, covariates=None):
     """n images in batches of SAMPLE_BATCH for these conditions, saved one by one and as grid.png; returns them and
     the snapshots of the first batch's process."""
     gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
@@ -195,8 +246,8 @@ def generate(sampling, n, out, labels=None, positions=None):
         if not start:  # the first batch's process, from its noise on
             frames.append(x[:PROCESS_ROWS].cpu())
         keep = (lambda i, total, x_t, x0: frames.append(x_t[:PROCESS_ROWS].float().cpu())) if not start else None
-        part = [None if c is None else c[start:start + len(x)] for c in (labels, positions)]
-        samples.append(sampling.sample(x, *part, callback=keep, generator=gen))
+        part = [None if c is None else c[start:start + len(x)] for c in (labels, positions, covariates)]
+        samples.append(sampling.sample(x, *part[:2], callback=keep, generator=gen, covariates=part[2]))
     samples = torch.cat(samples)
     utils.fresh_folder(out, ("sample_*.png",))  # no sample of a longer earlier run stays beside these
     for i, img in enumerate(samples):
@@ -228,6 +279,27 @@ def conditions_grid(sampling, by_slice, out):
     pictures.save_labelled_grid(images, rows, columns, os.path.join(out, "conditions.png"),
                        ("slice position, bottom to top" if by_slice else "samples")
                        + f" (guidance {sampling.settings['GUIDANCE']:g})")
+
+
+def ages_grid(sampling, out):
+    """conditions_age.png: rows are the classes (at mid-height on slice-conditional models), columns ages over the
+    trained range; each row one noise and the deterministic dpm++ sampler, so that the columns show the same brain
+    at other ages."""
+    rows = sampling.class_names or ["any class"]
+    lo, hi = sampling.covariate_ranges[list(sampling.covariate_ranges)[age_column(sampling.covariate_ranges)]]
+    ages = torch.linspace(lo, hi, CONDITION_COLUMNS)
+    covariates = torch.full((len(rows) * CONDITION_COLUMNS, len(sampling.covariate_ranges)), math.nan)
+    covariates[:, age_column(sampling.covariate_ranges)] = ages.repeat(len(rows))
+    labels = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if sampling.class_names else None
+    positions = torch.full((len(covariates),), 0.5) if utils.conditions_of(sampling.cfg)[1] else None
+    gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
+    noise = sampling.noise(len(rows), gen).repeat_interleave(CONDITION_COLUMNS, 0)
+    images = sampling.schedule.sample(sampling.denoiser(labels, positions, covariates), sampler="dpm++",
+                                      steps=sampling.settings["SAMPLE_STEPS"], x=noise, device=sampling.device,
+                                      spacing=sampling.settings["STEP_SPACING"]).float().cpu()
+    pictures.save_labelled_grid(images, rows, [f"{a:.0f}" for a in ages.tolist()],
+                                os.path.join(out, "conditions_age.png"),
+                                f"age in years, one noise per row (guidance {sampling.settings['GUIDANCE']:g})")
 
 
 def slice_sweep(sampling, n, out):
@@ -267,8 +339,10 @@ def measure(sampling, samples, cond, data, tstr):
     """metrics.json's figures: fidelity, diversity and memorisation; for conditional models the probe's reading of
     the conditions asked for (cond); with tstr > 0 the train-on-synthetic test on that many new samples."""
     result = evaluate.metrics(samples, data, sampling.device)
+    labels, positions, covariates = cond
     if any(c is not None for c in cond):
-        result.update(evaluate.control(samples, *cond, data, sampling.device))
+        ages = None if covariates is None else covariates[:, age_column(sampling.covariate_ranges)]
+        result.update(evaluate.control(samples, labels, positions, data, sampling.device, ages))
     if tstr:
         labels, positions = utils.spread_conditions(tstr, list(range(len(data.classes))), sampling.positions)
         out = os.path.join(sampling.settings["OUTPUT_DIR"], "predict", "tstr")
@@ -291,10 +365,13 @@ def open_checkpoint(settings, args, device):
     compiled = (lambda m: torch.compile(m) if utils.wants_compile(settings, device) else m)  # noqa: E731
     sampling = Sampling(compiled(trained.net), trained.schedule, cfg, settings, device,
                         trained.guide and compiled(trained.guide), bf16, trained.class_names,
-                        chosen_classes(args.label, trained.class_names), chosen_positions(args.slice_position, by_slice))
+                        chosen_classes(args.label, trained.class_names), chosen_positions(args.slice_position, by_slice),
+                        trained.covariates, chosen_ages(args.age, trained.covariates))
     print(f"{path}: step {trained.step:,}, {cfg['IMAGE_SIZE']} px, {settings['SAMPLER']} with {sampling.steps()} steps, "
           f"{device}" + (", bf16" if bf16 else "")
           + (f", condition {cfg['CONDITION']} (guidance {settings['GUIDANCE']:g})" if cfg["CONDITION"] != "none" else "")
+          + (", covariates " + ", ".join(f"{k} ({lo:g}-{hi:g})" for k, (lo, hi) in trained.covariates.items())
+             if trained.covariates else "")
           + (f", autoguidance {settings['AUTOGUIDANCE']:g} from step {trained.guide_step:,}"
              if settings["AUTOGUIDANCE"] != 1 else ""))
     return sampling, path, trained.step
@@ -312,7 +389,8 @@ def main():
     sampling, path, step = open_checkpoint(settings, args, utils.get_device())
     by_slice = utils.conditions_of(sampling.cfg)[1]
     check_extras(args, sampling.class_names, by_slice)
-    cond = utils.spread_conditions(settings["NUM_SAMPLES"], sampling.labels, sampling.positions)
+    cond = (*utils.spread_conditions(settings["NUM_SAMPLES"], sampling.labels, sampling.positions),
+            sampling.spread_covariates(settings["NUM_SAMPLES"]))
 
     started = time.perf_counter()
     samples, frames = generate(sampling, settings["NUM_SAMPLES"], out, *cond)
@@ -322,6 +400,9 @@ def main():
     if sampling.class_names or by_slice:
         conditions_grid(sampling, by_slice, out)
         print(f"samples by condition -> {out}/conditions.png")
+    if age_column(sampling.covariate_ranges) is not None:
+        ages_grid(sampling, out)
+        print(f"one noise per row through the trained ages -> {out}/conditions_age.png")
     if args.slice_sweep:
         slice_sweep(sampling, args.slice_sweep, out)
         print(f"one noise through {args.slice_sweep} slice positions -> {out}/slice_sweep.png, .gif, .nii.gz")
