@@ -31,10 +31,11 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 
 # a conditional model also gets conditions.png, a slice sweep and the train-on-synthetic test (figures in metrics.json);
-# a class-conditional one also counterfactuals of held-out slices into the control class, with effect maps
-read -r condition out < <("$PYTHON" -c "import sys, utils; a = utils.build_parser('').parse_known_args(sys.argv[1:])[0]
-print(a.CONDITION, a.OUTPUT_DIR)" "$@")
-generate=("${where[@]}") extras="" edited=""
+# a class-conditional one also counterfactuals of held-out slices into the control class, with effect maps; one
+# with an age covariate also the held-out slices 5 and 10 years on (progress.py)
+read -r condition aged out < <("$PYTHON" -c "import sys, utils; a = utils.build_parser('').parse_known_args(sys.argv[1:])[0]
+print(a.CONDITION, 'age' in [c.strip().lower() for c in a.COVARIATES.split(',')], a.OUTPUT_DIR)" "$@")
+generate=("${where[@]}") extras="" edited="" progressed=""
 case "$condition" in *slice*) generate+=(--slice-sweep 16); extras=", slice_sweep.png/.gif/.nii.gz" ;; esac
 case "$condition" in *class*) generate+=(--tstr 256) ;; esac
 [ "$condition" = none ] || extras=", conditions.png$extras"
@@ -46,6 +47,11 @@ case "$condition" in *class*)
     code=$?; echo "error: counterfactuals (edit.py --to-label healthy) failed with exit code $code" >&2; exit "$code"; }
   edited=" counterfactuals and effect maps in $out/edit/ (counterfactual.png/.json, edits/);" ;;
 esac
+if [ "$aged" = True ]; then
+  "$PYTHON" progress.py "${where[@]}" || {
+    code=$?; echo "error: progression (progress.py) failed with exit code $code" >&2; exit "$code"; }
+  progressed=" held-out slices years on in $out/progress/ (progression.png/.gif/.json);"
+fi
 
-echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json$extras);${edited:-}"
+echo "done: samples in $out/predict/ (grid.png, process.png, process.gif, denoise.png, metrics.json$extras);${edited:-}${progressed:-}"
 echo "      training grids in $out/samples/, loss curve in $out/loss.png"

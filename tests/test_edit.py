@@ -1,5 +1,6 @@
 """Asking about a brain you hold: DDIM inversion and back, counterfactuals that change the class and keep the shape,
 effect maps, the scores against known answers, the labelled demo's truth, and bad input (CPU, tiny models)."""
+import csv
 import json
 import os
 
@@ -14,6 +15,7 @@ import dataset
 import demo
 import edit
 import edit_scores
+import truth
 import predict
 
 
@@ -107,11 +109,11 @@ def test_the_figures_against_a_known_truth(toy_run, tmp_path):
     slices.twins = slices.local_twins = torch.where(disk, torch.full_like(slices.images, -0.06), slices.images)
     slices.masks = slices.local_masks = disk & (torch.arange(16) < 8)
     figures = edit.edit_and_score(toy_sampling(toy_run, 5), slices, 1, 0.6, 2.0, None, data, str(tmp_path), "none")
-    for truth in ("", "local_"):
-        assert figures[f"{truth}cf_to_twin_in_mask"] < 0.6 * figures[f"{truth}input_to_twin_in_mask"], figures
-        assert figures[f"{truth}cf_change_outside_mask"] > 3 * figures[f"{truth}null_change_outside_mask"]
-        assert 0.4 < figures[f"{truth}mask_share_of_brain"] < 0.6
-        assert {f"{truth}counterfactual_map_auroc", f"{truth}baseline_map_auprc"} <= set(figures)
+    for which in ("", "local_"):
+        assert figures[f"{which}cf_to_twin_in_mask"] < 0.6 * figures[f"{which}input_to_twin_in_mask"], figures
+        assert figures[f"{which}cf_change_outside_mask"] > 3 * figures[f"{which}null_change_outside_mask"]
+        assert 0.4 < figures[f"{which}mask_share_of_brain"] < 0.6
+        assert {f"{which}counterfactual_map_auroc", f"{which}baseline_map_auprc"} <= set(figures)
     assert figures["twin_brain_area_change"] == 0 and "cf_brain_area_change" in figures
 
 
@@ -225,12 +227,12 @@ def test_truth_scores_of_known_edits():
 # ---------------------------------------------------------------- the labelled demo's truth
 @pytest.fixture(scope="module")
 def labelled_truth(tmp_path_factory):
-    """A small labelled demo at 64 px: its held-out 'AD' slices and their truth (dataset.read_truth)."""
+    """A small labelled demo at 64 px: its held-out 'AD' slices and their truth (truth.read_truth)."""
     folder = tmp_path_factory.mktemp("labelled")
     demo.build_labelled_demo(str(folder), subjects=(1, 2), slices=6, size=64)
     data = dataset.load_data(dict(dataset.utils.constants(), DATA_DIR=str(folder / "AD_NC"), IMAGE_SIZE=64,
                                   CONDITION="class"))
-    return folder, data, dataset.read_truth(data)
+    return folder, data, truth.read_truth(data)
 
 
 def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(labelled_truth):
@@ -248,14 +250,20 @@ def test_the_labelled_demo_holds_the_truth_of_its_heldout_ad_slices(labelled_tru
 
 
 def test_the_whole_disease_twin_undoes_the_shrink_too(labelled_truth):
-    """The whole-disease twin is the slice without atrophy and without the brain's shrink: its brain is larger than
-    the input's by about the shrink (1 / (1 - BRAIN_SHRINK * severity)^2, severities 0.35-1: 4-13% by area), more than
-    the local twin's; its mask holds the atrophy's and the outline the shrink moved."""
-    _, data, (index, whole, whole_masks, local, local_masks) = labelled_truth
+    """The whole-disease twin is the slice without the disease's atrophy and without its share of the brain's shrink
+    (the age's kept): its brain is larger than the input's by about that shrink, ((1 - BRAIN_SHRINK * age) / (1 -
+    BRAIN_SHRINK * (age + disease)))^2 by area for the severities drawn, more than the local twin's; its mask holds
+    the atrophy's and the outline the shrink moved."""
+    folder, data, (index, whole, whole_masks, local, local_masks) = labelled_truth
     ad = data.val[index].int()
     area = lambda images: (images.int() > 20).sum().item()  # noqa: E731
     growth, local_growth = area(whole) / area(ad) - 1, area(local) / area(ad) - 1
-    assert 0.04 < growth - local_growth < 0.16, (growth, local_growth)
+    with open(folder / "truth" / "subjects.csv") as f:
+        drawn = [r for r in csv.DictReader(f) if r["split"] == "test" and r["class"] == "AD"]
+    shrink = lambda severity: 1 - demo.BRAIN_SHRINK * severity  # noqa: E731
+    expected = sum((shrink(demo.age_severity(float(r["age"]))) / shrink(demo.age_severity(float(r["age"])) + float(
+        r["disease_severity"]))) ** 2 - 1 for r in drawn) / len(drawn)
+    assert abs(growth - local_growth - expected) < 0.02 + 0.2 * expected, (growth, local_growth, expected)
     assert (ad - whole.int())[~whole_masks].abs().max() <= demo.TRUTH_LEVEL
     assert (whole_masks >= local_masks).all() and whole_masks.sum() > 1.1 * local_masks.sum()
 
@@ -274,7 +282,8 @@ def test_an_old_labelled_demo_is_rebuilt_once(tmp_path):
     (("--to-label", "NC", "--depth", "1.5"), "--depth must be in (0, 1]"),
     (("--to-label", "NC", "--edit-mask", "no/such/masks"), "--edit-mask no/such/masks: no such mask file or folder"),
     (("--anomaly", "--edit-mask", "auto"), "use it with --to-label"),
-    (("--to-label", "NC", "--label", "AD"), "--label and --slice-position describe --input slices")])
+    (("--to-label", "NC", "--label", "AD"), "--label and --slice-position describe --input slices"),
+    (("--to-label", "NC", "--age", "70"), "use progress.py --age YEARS --years N")])
 def test_bad_edits_get_one_line(toy_run, flags, expected):
     r = run_script("edit.py", "--output-dir", toy_run, "--compile", "false", *flags)
     assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
