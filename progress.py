@@ -10,9 +10,7 @@ rendered future and two baselines: no change, and the population's mean change a
 import json
 import os
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torchvision.utils import make_grid
 
@@ -30,8 +28,9 @@ PROGRESS_SLICES = 48  # held-out slices progressed by default, evenly picked ove
 PROGRESS_MASKS = ("change", "none")  # --edit-mask: where progression may change a slice (default: the first)
 AGE_WINDOW = 5.0  # the mean-change baseline: training slices within this many years of an age
 HEIGHT_WINDOW = 0.05  # the mean-change baseline: and within this of a height
-DARK_LEVEL = 90  # ventricle area: brain pixels darker than this (of 255) are CSF-like
-CENTRAL_SHARE = 0.125  # ventricle area: CSF-like pixels further inside the brain's outline than this share of the side
+DARK_LEVEL = 90  # ventricle area: a brain pixel this dark (of 255) or darker counts whole as CSF
+TISSUE_LEVEL = 120  # ventricle area: one this bright or brighter not at all; between, its share (partial volume)
+CENTRAL_SHARE = 0.3  # ventricle area: pixels this share of the brain's greatest depth or deeper (scales with it)
 DISEASE = "AD"  # the class whose slices the ventricle and brain area changes are averaged over, where there is one
 OUTPUTS = ("progression.*", "progression_*.nii.gz", "edits/*.png")  # a run's files, replaced whole by the next
 
@@ -86,12 +85,16 @@ def mean_change(data, labels, positions, ages, years):
 
 
 def ventricle_area(x):
-    """Per slice, the ventricles' area in pixels: CSF-like pixels (darker than DARK_LEVEL) deep in the brain (further
-    inside its filled outline than CENTRAL_SHARE of the side)."""
-    brain = np.stack([ndimage.binary_fill_holes(b) for b in (x[:, 0] > -0.9).numpy()])
-    r = max(1, round(CENTRAL_SHARE * x.shape[-1]))
-    inner = -F.max_pool2d(-torch.from_numpy(brain).float()[:, None], 2 * r + 1, 1, r) > 0.5  # the outline eroded
-    return (inner & (x < DARK_LEVEL / 127.5 - 1)).flatten(1).sum(1).float()
+    """Per slice, the ventricles' area in pixels: the CSF share of each pixel (1 at DARK_LEVEL and darker, 0 at
+    TISSUE_LEVEL) summed over the brain's core, the pixels at least CENTRAL_SHARE of its greatest depth inside its
+    filled outline. The core scales with the brain, so a brain that shrinks whole keeps its ventricle area."""
+    lo, hi = DARK_LEVEL / 127.5 - 1, TISSUE_LEVEL / 127.5 - 1
+    areas = []
+    for image in x[:, 0]:
+        depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes((image > -0.9).numpy()))
+        core = torch.from_numpy(depth >= CENTRAL_SHARE * max(depth.max(), 1.0))
+        areas.append((((hi - image) / (hi - lo)).clamp(0, 1) * core).sum())
+    return torch.stack(areas).float()
 
 
 def against_future(x, later, future, null, baseline, labels, classes, read_age, asked_ages):

@@ -298,13 +298,20 @@ def test_bad_progress_flags_get_one_line(age_run, flags, expected):
 
 
 # ---------------------------------------------------------------- the measures, against known answers
-def test_ventricle_area_counts_dark_pixels_deep_in_the_brain():
-    x = torch.full((1, 1, 64, 64), -1.0)
+def test_ventricle_area_counts_csf_deep_in_the_brain_and_keeps_it_when_the_brain_shrinks():
     yy, xx = torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")
-    x[0, 0][yy ** 2 + xx ** 2 < 26 ** 2] = 0.5  # the brain
-    x[0, 0][(yy.abs() < 4) & (xx.abs() < 6)] = -0.8  # a ventricle: 8 x 12 pixels, dark
-    x[0, 0][(yy.abs() < 2) & ((xx - 24).abs() < 1)] = -0.8  # a sulcus at the edge: not counted
-    assert progress.ventricle_area(x).item() == 96
+
+    def brain(radius, scale=1.0, edge=False):
+        x = torch.full((1, 1, 64, 64), -1.0)
+        x[0, 0][yy ** 2 + xx ** 2 < radius ** 2] = 0.5  # the brain: tissue
+        x[0, 0][((yy / scale).abs() < 4) & ((xx / scale).abs() < 6)] = -0.8  # a ventricle: 8 x 12 pixels, dark
+        x[0, 0][(yy.abs() < 2) & ((xx - 24).abs() < 1)] = -0.8  # a sulcus at the edge: not counted
+        if edge:
+            x[0, 0][(yy.abs() < 4) & ((xx - 6.5).abs() < 0.5)] = (105 / 127.5 - 1)  # half-way CSF: half counted
+        return x
+    assert progress.ventricle_area(brain(26)).item() == 96
+    assert progress.ventricle_area(brain(26, edge=True)).item() == 96 + 8 * 0.5
+    assert progress.ventricle_area(brain(13)).item() == 96  # a smaller brain, the same ventricle
 
 
 def test_the_mean_change_baseline_is_the_difference_of_age_groups():
