@@ -122,6 +122,15 @@ def chosen_classes(label, class_names):
                      f"{len(class_names) - 1}, or all)")
 
 
+def range_given(text):
+    """The numbers of 'F' or 'A:B' as a list of one or two floats; [] where the text is neither."""
+    try:
+        ends = [float(v) for v in text.split(":")]
+    except ValueError:
+        return []
+    return ends if len(ends) in (1, 2) else []
+
+
 def chosen_positions(text, by_slice):
     """(A, B) from --slice-position F or A:B (default 0:1); None for a model without slice conditioning."""
     if text is None:
@@ -129,11 +138,8 @@ def chosen_positions(text, by_slice):
     if not by_slice:
         raise InputError(f"--slice-position {text}: this model was not trained with slice conditioning (train with "
                         f"--condition slice or class+slice)")
-    try:
-        ends = [float(v) for v in text.split(":")]
-    except ValueError:
-        ends = []
-    if len(ends) not in (1, 2) or not all(0 <= v <= 1 for v in ends):
+    ends = range_given(text)
+    if not ends or not all(0 <= v <= 1 for v in ends):
         raise InputError(f"--slice-position {text}: give a position in [0, 1] (0 bottom, 1 top) or a range A:B")
     return ends[0], ends[-1]
 
@@ -152,11 +158,8 @@ def chosen_ages(text, covariates):
     if column is None:
         raise InputError(f"--age {text}: this model was not trained with an age covariate (train with --covariates "
                          f"age and a table of ages)")
-    try:
-        ends = [float(v) for v in text.split(":")]
-    except ValueError:
-        ends = []
-    if len(ends) not in (1, 2) or not all(math.isfinite(v) for v in ends):
+    ends = range_given(text)
+    if not ends or not all(math.isfinite(v) for v in ends):
         raise InputError(f"--age {text}: give an age in years (75) or a range A:B (60:90)")
     lo, hi = list(covariates.values())[column]
     if min(ends) < lo or max(ends) > hi:
