@@ -108,10 +108,7 @@ class UNet(nn.Module):
         self.no_covariate = nn.Parameter(torch.zeros(covariates, emb_dim))
         if num_classes:
             nn.init.zeros_(self.label_emb.weight)  # conditions start as no-ops and are learned from there
-        if slice_positions:
-            nn.init.zeros_(self.slice_mlp[-1].weight)
-            nn.init.zeros_(self.slice_mlp[-1].bias)
-        for mlp in self.covariate_mlps:
+        for mlp in ([self.slice_mlp] if slice_positions else []) + list(self.covariate_mlps):
             nn.init.zeros_(mlp[-1].weight)
             nn.init.zeros_(mlp[-1].bias)
         self.stem = nn.Conv2d(channels * patch_size ** 2, base_channels, 3, padding=1)
@@ -142,6 +139,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    def number_embedding(self, mlp, not_given, value):
+        """A number's embedding (sinusoidal features, then its MLP); the learned `not_given` where it is NaN."""
+        given = mlp(timestep_embedding(value.nan_to_num(), self.base_channels))
+        return torch.where(value.isnan()[:, None], not_given.to(given.dtype), given)
+
     def forward(self, x, t, labels=None, positions=None, covariates=None):
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.label_emb is not None:
@@ -149,15 +151,12 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(torch.where(labels < 0, self.num_classes, labels))
         if self.slice_mlp is not None:
             positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
-            given = self.slice_mlp(timestep_embedding(SLICE_SCALE * positions.nan_to_num(), self.base_channels))
-            emb = emb + torch.where(positions.isnan()[:, None], self.no_slice.to(given.dtype), given)
+            emb = emb + self.number_embedding(self.slice_mlp, self.no_slice, SLICE_SCALE * positions)
         if len(self.covariate_mlps):
             covariates = torch.full((len(t), len(self.covariate_mlps)), math.nan, device=t.device) \
                 if covariates is None else covariates
             for j, mlp in enumerate(self.covariate_mlps):
-                value = covariates[:, j]
-                given = mlp(timestep_embedding(COVARIATE_SCALE * value.nan_to_num(), self.base_channels))
-                emb = emb + torch.where(value.isnan()[:, None], self.no_covariate[j].to(given.dtype), given)
+                emb = emb + self.number_embedding(mlp, self.no_covariate[j], COVARIATE_SCALE * covariates[:, j])
         h = self.stem(F.pixel_unshuffle(x, self.patch_size))
         hs = [h]
         for layer in self.down:
