@@ -167,7 +167,7 @@ def read_ages(model, images, device, batch=256):
 
 def heldout_ages(data):
     """(training ages, held-out ages) in years (NaN: unknown) where the data has an age covariate, else (None, None)."""
-    column = next((i for i, n in enumerate(data.covariate_names) if n.lower() == "age"), None)
+    column = utils.age_column(data.covariate_names)
     return (None, None) if column is None else (data.train_covariates[:, column], data.val_covariates[:, column])
 
 

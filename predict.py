@@ -144,17 +144,12 @@ def chosen_positions(text, by_slice):
     return ends[0], ends[-1]
 
 
-def age_column(covariates):
-    """The index of the age among a model's covariates (named age, any case), or None."""
-    return next((i for i, name in enumerate(covariates) if name.lower() == "age"), None)
-
-
 def chosen_ages(text, covariates):
     """(A, B) from --age A or A:B; None where not asked. Refused for a model without an age covariate; outside the
     trained range, a notice names it."""
     if text is None:
         return None
-    column = age_column(covariates)
+    column = utils.age_column(covariates)
     if column is None:
         raise InputError(f"--age {text}: this model was not trained with an age covariate (train with --covariates "
                          f"age and a table of ages)")
@@ -212,7 +207,7 @@ class Sampling:
         if self.ages is None:
             return None
         values = torch.full((n, len(self.covariate_ranges)), math.nan)
-        values[:, age_column(self.covariate_ranges)] = torch.linspace(*self.ages, n)
+        values[:, utils.age_column(self.covariate_ranges)] = torch.linspace(*self.ages, n)
         return values
 
     def denoiser(self, labels=None, positions=None, covariates=None):
@@ -289,10 +284,10 @@ def ages_grid(sampling, out):
     trained range; each row one noise and the deterministic dpm++ sampler, so that the columns show the same brain
     at other ages."""
     rows = sampling.class_names or ["any class"]
-    lo, hi = sampling.covariate_ranges[list(sampling.covariate_ranges)[age_column(sampling.covariate_ranges)]]
+    lo, hi = sampling.covariate_ranges[list(sampling.covariate_ranges)[utils.age_column(sampling.covariate_ranges)]]
     ages = torch.linspace(lo, hi, CONDITION_COLUMNS)
     covariates = torch.full((len(rows) * CONDITION_COLUMNS, len(sampling.covariate_ranges)), math.nan)
-    covariates[:, age_column(sampling.covariate_ranges)] = ages.repeat(len(rows))
+    covariates[:, utils.age_column(sampling.covariate_ranges)] = ages.repeat(len(rows))
     labels = torch.arange(len(rows)).repeat_interleave(CONDITION_COLUMNS) if sampling.class_names else None
     positions = torch.full((len(covariates),), 0.5) if utils.conditions_of(sampling.cfg)[1] else None
     gen = torch.Generator(device=sampling.device).manual_seed(sampling.settings["SEED"])
@@ -344,7 +339,7 @@ def measure(sampling, samples, cond, data, tstr):
     result = evaluate.metrics(samples, data, sampling.device)
     labels, positions, covariates = cond
     if any(c is not None for c in cond):
-        ages = None if covariates is None else covariates[:, age_column(sampling.covariate_ranges)]
+        ages = None if covariates is None else covariates[:, utils.age_column(sampling.covariate_ranges)]
         result.update(evaluate.control(samples, labels, positions, data, sampling.device, ages))
     if tstr:
         labels, positions = utils.spread_conditions(tstr, list(range(len(data.classes))), sampling.positions)
@@ -403,7 +398,7 @@ def main():
     if sampling.class_names or by_slice:
         conditions_grid(sampling, by_slice, out)
         print(f"samples by condition -> {out}/conditions.png")
-    if age_column(sampling.covariate_ranges) is not None:
+    if utils.age_column(sampling.covariate_ranges) is not None:
         ages_grid(sampling, out)
         print(f"one noise per row through the trained ages -> {out}/conditions_age.png")
     if args.slice_sweep:

@@ -20,7 +20,7 @@ import evaluate
 import pictures
 import truth
 import utils
-from predict import age_column, load_heldout, open_checkpoint, sampling_parser
+from predict import load_heldout, open_checkpoint, sampling_parser
 from utils import InputError
 
 YEARS = "5,10"  # --years: how many years on each slice is shown
@@ -38,7 +38,7 @@ OUTPUTS = ("progression.*", "progression_*.nii.gz", "edits/*.png")  # a run's fi
 def age_covariates(sampling, ages):
     """The model's covariates for slices of these ages (years; NaN: not known), the others not given."""
     values = torch.full((len(ages), len(sampling.covariate_ranges)), float("nan"))
-    values[:, age_column(sampling.covariate_ranges)] = ages.float()
+    values[:, utils.age_column(sampling.covariate_ranges)] = ages.float()
     return values
 
 
@@ -54,7 +54,7 @@ def progressed(sampling, x, labels, positions, ages, years, depth, guidance, mas
     later, masks = [], []
     for y in years:
         older = own.clone()
-        older[:, age_column(sampling.covariate_ranges)] += y
+        older[:, utils.age_column(sampling.covariate_ranges)] += y
         asked = sampling.plain(labels if targets is None else targets, positions, guidance, older,
                                "covariates" if targets is None else "class+covariates")
         free = edit.decoded(sampling, latent, end, asked)
@@ -209,7 +209,7 @@ def main():
     settings, args = parse_settings()
     out = utils.fresh_folder(os.path.join(settings["OUTPUT_DIR"], "progress"), OUTPUTS)
     sampling, _, _ = open_checkpoint(settings, args, utils.get_device())
-    if age_column(sampling.covariate_ranges) is None:
+    if utils.age_column(sampling.covariate_ranges) is None:
         raise InputError("progress.py needs a model trained with an age covariate: train with --covariates age (and "
                          "a table of ages; the labelled demo has one)")
     target = None if args.to_label is None else edit.target_class(args.to_label, sampling.class_names)

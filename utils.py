@@ -237,6 +237,11 @@ def covariates_of(cfg):
     return [c.strip() for c in cfg.get("COVARIATES", "").split(",") if c.strip()]
 
 
+def age_column(names):
+    """The index of the age among covariate names (named age, any case), or None."""
+    return next((i for i, name in enumerate(names) if name.lower() == "age"), None)
+
+
 def covariate_ranges(values):
     """Each column's (lowest, highest) value given (NaN: not given), from N x K covariates."""
     return [(column[~column.isnan()].min().item(), column[~column.isnan()].max().item()) for column in values.T]
