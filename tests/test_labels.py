@@ -338,3 +338,13 @@ def test_three_classes_train_and_get_a_row_each(tmp_path):
     assert r.returncode == 0, r.stderr
     assert os.path.exists(os.path.join(out, "predict", "conditions.png"))
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["classes"] == ["AD", "MCI", "NC"]
+
+
+def test_covariates_come_from_the_oasis_csv_and_participants_tsv_as_they_are_written(tmp_path):
+    root, table = oasis_tree(tmp_path / "oasis")
+    data = dataset.load_data(config(root, LABELS=table, LABEL_MAP="0=NC,0.5=MCI,1=AD,2=AD", COVARIATES="Age,M/F"))
+    values = torch.cat([data.train_covariates, data.val_covariates])
+    assert len(values) == len(data.train) + len(data.val) and values[:, 0].eq(74).all() and values[:, 1].eq(1).all()
+    assert "Age: " in data.labels_report and "M/F: " in data.labels_report
+    bids = dataset.load_data(config(bids_tree(tmp_path / "bids"), LABEL_MAP="CN=NC,MCI=MCI,AD=AD", COVARIATES="age"))
+    assert torch.cat([bids.train_covariates, bids.val_covariates]).eq(70).all()
