@@ -105,7 +105,7 @@ class UNet(nn.Module):
         self.no_slice = nn.Parameter(torch.zeros(emb_dim)) if slice_positions else None
         self.covariate_mlps = nn.ModuleList(nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
                                                           nn.Linear(emb_dim, emb_dim)) for _ in range(covariates))
-        self.no_covariate = nn.Parameter(torch.zeros(covariates, emb_dim))
+        self.no_covariate = nn.Parameter(torch.zeros(covariates, emb_dim)) if covariates else None
         if num_classes:
             nn.init.zeros_(self.label_emb.weight)  # conditions start as no-ops and are learned from there
         for mlp in ([self.slice_mlp] if slice_positions else []) + list(self.covariate_mlps):
@@ -191,9 +191,10 @@ def call(model, x, t, labels, positions, covariates=None):
     partial batch, slices denoised without their conditions) where each change would otherwise compile another."""
     labels = torch.full_like(t, -1) if labels is None else labels
     positions = torch.full(t.shape, math.nan, device=t.device) if positions is None else positions
-    for v in (x, t, labels, positions) + (() if covariates is None else (covariates,)):
+    given = (x, t, labels, positions) + (() if covariates is None else (covariates,))  # networks without covariates too
+    for v in given:
         torch._dynamo.maybe_mark_dynamic(v, 0)
-    return model(x, t, labels, positions, covariates)
+    return model(*given)
 
 
 GUIDED = ("all", "class", "covariates", "class+covariates")  # guided_output: what guidance drops on its other side

@@ -95,7 +95,8 @@ def test_labelled_demo_has_simulated_atrophy(tmp_path):
     brain = x > 20
     csf = ((x < 90) & brain).sum((1, 2)) / brain.sum((1, 2))  # dark (CSF-like) share of the brain
     ad, nc = csf[middle & (d.train_labels == 0)], csf[middle & (d.train_labels == 1)]
-    assert ad.mean() > 1.5 * nc.mean(), (ad.mean(), nc.mean())  # larger ventricles, wider sulci
+    # larger ventricles, wider sulci (1.27x on this seed: since demo 4 the NC subjects carry their age's atrophy too)
+    assert ad.mean() > 1.2 * nc.mean(), (ad.mean(), nc.mean())
     assert brain[d.train_labels == 0].float().mean() < brain[d.train_labels == 1].float().mean()  # smaller brains
 
 
