@@ -51,24 +51,15 @@ def main():
     later, masks, null = progress.progressed(sampling, now.to(sampling.device), nc, heights, torch.full((SLICES,), AGE),
                                              [YEARS], args.depth, settings["EDIT_GUIDANCE"], args.edit_mask)
     later, null = later[:, 0].cpu(), null.cpu()
-    to_uint8 = lambda a: ((a + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    region = (now > -0.9) | (later_truth > -0.9)
-    outside = ~demo.changed(to_uint8(now), to_uint8(later_truth)) & region
-    mean = lambda a, b, where: (a - b).abs()[where].mean().item()  # noqa: E731
     figures = {"age": AGE, "years": YEARS, "depth": args.depth, "guidance": settings["EDIT_GUIDANCE"],
-               "edit_mask": args.edit_mask, "change_outside_true_change": mean(later, now, outside),
-               "null_change_outside": mean(null, now, outside), "change_inside": mean(later, now, ~outside & region),
-               "true_change_inside": mean(later_truth, now, ~outside & region),
-               "to_future": mean(later, later_truth, region), "input_to_future": mean(now, later_truth, region),
-               "ventricle_change": (progress.ventricle_area(later) - progress.ventricle_area(now)).mean().item(),
-               "true_ventricle_change": (progress.ventricle_area(later_truth)
-                                         - progress.ventricle_area(now)).mean().item()}
+               "edit_mask": args.edit_mask,
+               **progress.against_future(now, later, later_truth, null, now, None, [], None, None)}
     out = os.path.join(settings["OUTPUT_DIR"], "progress")
     os.makedirs(out, exist_ok=True)
     tag = f"template_{args.edit_mask}_g{settings['EDIT_GUIDANCE']:g}"
     pictures.save_edits({"input": now, "+10 years": later, "difference": later - now,
                          "truth +10": later_truth, "true difference": later_truth - now},
-                        [f"h{h:.2f}" for h in heights.tolist()], os.path.join(out, f"{tag}.png"), "the template +10 years")
+                        [f"height_{100 * h:.0f}" for h in heights.tolist()], os.path.join(out, f"{tag}.png"), "the template +10 years")
     with open(os.path.join(out, f"{tag}.json"), "w") as f:
         json.dump(figures, f, indent=2)
     print(json.dumps(figures, indent=1))
