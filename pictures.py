@@ -74,10 +74,11 @@ def row_label(name, longest=18):
     return label if len(label) <= longest else "..." + label[-(longest - 3):]
 
 
-def save_edits(columns, names, path, title, rows=8, outlines=None):
+def save_edits(columns, names, path, title, rows=8, outlines=None, as_named=False):
     """counterfactual.png: a row a slice (up to `rows`, evenly picked), a column each of `columns` ({name: [-1, 1]
-    images}): 'difference...' (signed, counterfactual - input) as a diverging colour overlay on the input and 'effect
-    map' as a heat map, each with its colour bar; the rest in grey; `outlines` (bool masks) drawn on the first column."""
+    images}): 'difference...' (signed, counterfactual - input) as a diverging colour overlay on the input, 'effect
+    map' and 'bits map' as heat maps, each with its colour bar; the rest in grey; `outlines` (bool masks) drawn on the
+    first column; the rows labelled with the slices' names (as_named: as they are given, else their file stems)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,7 +86,8 @@ def save_edits(columns, names, path, title, rows=8, outlines=None):
     keys = list(columns)
     fig, axes = plt.subplots(len(picked), len(keys), figsize=(1.4 * len(keys) + 1.0, 1.4 * len(picked) + 0.5),
                              squeeze=False, layout="constrained")
-    limit = {k: max(columns[k].abs().max().item(), 1e-3) for k in keys if k.startswith(("difference", "effect map"))}
+    heat = ("difference", "effect map", "bits map")  # the columns drawn in colour, each with its own scale
+    limit = {k: max(columns[k].abs().max().item(), 1e-3) for k in keys if k.startswith(heat)}
     shown = {}
     for r, i in enumerate(picked):
         for c, key in enumerate(keys):
@@ -96,7 +98,7 @@ def save_edits(columns, names, path, title, rows=8, outlines=None):
                 ax.imshow(utils.to_unit(columns["input"][i, 0]), cmap="gray", vmin=0, vmax=1)
                 strength = (image.abs() / limit[key]).clamp(0, 1).sqrt().numpy()
                 shown[c] = ax.imshow(image, cmap="RdBu_r", vmin=-limit[key], vmax=limit[key], alpha=strength)
-            elif key == "effect map":
+            elif key in ("effect map", "bits map"):
                 shown[c] = ax.imshow(image, cmap="magma", vmin=0, vmax=limit[key])
             else:
                 ax.imshow(utils.to_unit(image), cmap="gray", vmin=0, vmax=1)
@@ -105,7 +107,7 @@ def save_edits(columns, names, path, title, rows=8, outlines=None):
             if r == 0:
                 ax.set_title(key, fontsize=8)
             if c == 0:
-                ax.set_ylabel(row_label(names[i]), fontsize=7)
+                ax.set_ylabel(names[i] if as_named else row_label(names[i]), fontsize=7)
     for c, image in shown.items():
         bar = fig.colorbar(image, ax=list(axes[:, c]), shrink=0.5, aspect=30)
         bar.ax.tick_params(labelsize=6)

@@ -117,3 +117,11 @@ def conditional_run(disks_data, tmp_path_factory):
     return made_once(tmp_path_factory, "conditional", trained("--data-dir", disks_data, "--epochs", "2", "--condition",
                                                               "class+slice", *TINY, "--image-size", "16",
                                                               "--attn-resolutions", "8"))
+
+
+@pytest.fixture(scope="session")
+def toy_run(disks_data, tmp_path_factory):
+    """A tiny class-conditional model that has learned the disks' classes: white 'AD', grey 'NC' (225 steps)."""
+    flags = ("--data-dir", disks_data, "--epochs", "25", "--condition", "class", *TINY, "--image-size", "16",
+             "--attn-resolutions", "8", "--lr", "3e-3", "--timesteps", "50", "--sample-every", "1000")
+    return made_once(tmp_path_factory, "toy", trained(*flags))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, made_once, run_script, trained
+from conftest import run_script
 
 import dataset
 import demo
@@ -17,14 +17,6 @@ import edit
 import edit_scores
 import truth
 import predict
-
-
-@pytest.fixture(scope="module")
-def toy_run(disks_data, tmp_path_factory):
-    """A tiny class-conditional model that has learned the disks' classes: white 'AD', grey 'NC' (225 steps)."""
-    flags = ("--data-dir", disks_data, "--epochs", "25", "--condition", "class", *TINY, "--image-size", "16",
-             "--attn-resolutions", "8", "--lr", "3e-3", "--timesteps", "50", "--sample-every", "1000")
-    return made_once(tmp_path_factory, "toy", trained(*flags))
 
 
 def toy_sampling(run, steps=20, edit_steps=None):
