@@ -1,9 +1,11 @@
 """Careless input and repeated runs (issue 35): every error before the work, in one line; outputs that never collide
 or go stale; masks laid on slices the way the slices are laid into the frame."""
 import os
+import re
 import types
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -13,6 +15,7 @@ import dataset
 import edit
 import inpainting
 import truth
+from utils import InputError
 
 
 def one_error_line(r, expected):
@@ -28,15 +31,20 @@ def test_editing_flags_on_predict_name_the_edit_command(tmp_path):
 
 
 def test_edit_refuses_flags_that_would_be_ignored(tmp_path):
-    for flags, expected in ((["--to-label", "NC", "--mask", "box:0,0,1,1", "--input", "x"], "run them one at a time"),
-                            (["--inpaint-eval", "--mask", "box:0,0,1,1"], "run it without"),
+    """Each conflict refused by edit.py's checks, which run before the output folder, the checkpoint or the data; one
+    of them through the script, for its one line and exit code (the rest in-process: a second each saved)."""
+    r = run_script("edit.py", "--output-dir", str(tmp_path), "--to-label", "NC", "--mask", "box:0,0,1,1", "--input", "x")
+    one_error_line(r, "run them one at a time")
+    assert not os.listdir(tmp_path)
+    for flags, expected in ((["--inpaint-eval", "--mask", "box:0,0,1,1"], "run it without"),
                             (["--inpaint-eval", "--input", "x"], "run it without"),
                             (["--mask", "box:0,0,1,1"], "--mask needs the slices to fill"),
                             ([], "say what to do"),
                             (["--to-label", "NC", "--depth", "0"], "--depth must be in (0, 1]"),
                             (["--mask", "box:0,0,1,1", "--input", "x", "--resample", "0"], "--resample and --jump")):
-        one_error_line(run_script("edit.py", "--output-dir", str(tmp_path), *flags), expected)
-    assert not os.listdir(tmp_path)  # refused before the output folder, the checkpoint or the data
+        with pytest.raises(InputError, match=re.escape(expected)):
+            edit.parse_settings(["--output-dir", str(tmp_path), *flags])
+    assert not os.listdir(tmp_path)
 
 
 def test_predict_checks_strength_and_the_output_folder_before_sampling(tiny_run, tmp_path):
