@@ -77,8 +77,9 @@ def scored(sampling, x, positions=None, seed=0, per_class=False, reconstruct=OOD
         per_class = [likelihood.bound(schedule, net, xb, torch.full((len(xb),), c, device=xb.device), sb,
                                       seed=seed).bits_per_dim(dims)[0] for c in range(classes)]
         bits, err = b.bits_per_dim(dims)
-        found = (bits, err, b.levels, b.pixels / math.log(2), torch.stack(per_class, 1) if classes else bits[:, None],
-                 reconstruction_errors(sampling, xb, seed) if reconstruct else bits[:, None])
+        unasked = bits[:, None]  # in_batches joins every part: a stand-in for the parts not asked for, dropped below
+        found = (bits, err, b.levels, b.pixels / math.log(2), torch.stack(per_class, 1) if classes else unasked,
+                 reconstruction_errors(sampling, xb, seed) if reconstruct else unasked)
         return tuple(t.cpu() for t in found)
 
     parts = utils.in_batches(batch, sampling.settings["SAMPLE_BATCH"], x, positions)
