@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -287,14 +288,14 @@ def test_progress_of_your_scan(age_run, tmp_path):
     assert stack.shape == (32, 32, len(edits)) and len(edits) >= 6  # the slices that hold brain
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (("--years", "ten"), "--years ten: give years on, comma-separated"),
-    (("--years", "-5"), "each in (0, 100]"),
-    (("--age", "70"), "--label, --slice-position and --age describe --input slices"),
-])
-def test_bad_progress_flags_get_one_line(age_run, flags, expected):
-    r = run_script("progress.py", "--output-dir", age_run, *flags)
-    assert r.returncode == 2 and expected in r.stderr.strip().splitlines()[-1], r.stderr
+def test_bad_progress_flags_get_one_line(age_run):
+    """One bad flag through the script (one line, exit 2), the others through progress.py's checks in-process."""
+    r = run_script("progress.py", "--output-dir", age_run, "--years", "ten")
+    assert r.returncode == 2 and "--years ten: give years on, comma-separated" in r.stderr.strip().splitlines()[-1]
+    for flags, expected in [(("--years", "-5"), "each in (0, 100]"),
+                            (("--age", "70"), "--label, --slice-position and --age describe --input slices")]:
+        with pytest.raises(InputError, match=re.escape(expected)):
+            progress.parse_settings(["--output-dir", age_run, *flags])
 
 
 # ---------------------------------------------------------------- the measures, against known answers
