@@ -26,13 +26,15 @@ def save_gif(frames, path, duration=80):
     gif[0].save(path, save_all=True, append_images=gif[1:], duration=duration, loop=0)
 
 
-def save_labelled_grid(images, row_names, column_names, path, title):
-    """A grid of [-1, 1] images (rows x columns, row-major) with its rows and columns named."""
+def save_labelled_grid(images, row_names, column_names, path, title, label_lines=1):
+    """A grid of [-1, 1] images (rows x columns, row-major) with its rows and columns named (the column names up to
+    label_lines lines each)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows, cols = len(row_names), len(column_names)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.8, 1.3 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.8, 1.3 * rows + 0.6 + 0.35 * (label_lines - 1)),
+                             squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.imshow(utils.to_unit(images[i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])

@@ -260,8 +260,10 @@ def corruption_eval(sampling, data, seed, out):
         result["classifier"] = {"slices": len(every), "diffusion_accuracy": (read == truth).float().mean().item(),
                                 "probe_accuracy": (probe_read == truth).float().mean().item()}
     images = torch.cat([v[0] for v in shown.values()])
-    pictures.save_labelled_grid(images, [""], [f"{textwrap.fill(k, 14)}\n{v[1]:.1f}" for k, v in shown.items()],
-                                os.path.join(out, "corruptions.png"), "one held-out slice corrupted: OOD score")
+    labels = [f"{textwrap.fill(k, 14)}\nscore {v[1]:.1f}" for k, v in shown.items()]
+    pictures.save_labelled_grid(images, [""], labels, os.path.join(out, "corruptions.png"),
+                                f"one held-out slice corrupted, its OOD score (threshold {cal.threshold:.2f})",
+                                label_lines=max(label.count("\n") + 1 for label in labels))
     with open(os.path.join(out, "corruptions.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"-> {out}/corruptions.json, corruptions.png")
