@@ -23,6 +23,7 @@ import evaluate
 import likelihood
 import pictures
 import utils
+from cohorts import subject_of
 from predict import load_heldout, open_checkpoint, sampling_parser
 from utils import InputError
 
@@ -155,12 +156,6 @@ def calibration(sampling, data, checkpoint, step, seed):
 
 def evenly(n, count):
     return torch.linspace(0, n - 1, min(n, count)).round().long().unique()
-
-
-def subject_of(name):
-    """A held-out slice's subject (its file's name up to the last '_'), or a scan's file."""
-    stem = pictures.slice_name(str(name))
-    return stem.rsplit("_", 1)[0] if "_" in stem else stem
 
 
 # ---------------------------------------------------------------- outputs
